@@ -1,0 +1,3 @@
+"""lowcomm: train one model across many machines joined by slow, unreliable links."""
+
+__version__ = "0.1.0"

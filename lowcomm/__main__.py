@@ -1,0 +1,3 @@
+from lowcomm.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""The wire format: round trips, exact rejections, and a fuzz of 10,000 bad blobs."""
+
+import random
+
+import msgpack
+import pytest
+import torch
+
+from lowcomm.compressors import WireFormatError, codec_names, decode, decompress, encode, get_compressor
+from lowcomm.compressors.payload import FLOAT_DTYPES
+
+SPARSE = {"topk": {"density": 0.1, "chunk_size": 64}, "randk": {"density": 0.1, "chunk_size": 64}}
+
+
+def make(name):
+    if name in SPARSE:
+        return get_compressor(name, **SPARSE[name])
+    if name in ("none", "fp16", "bf16"):
+        return get_compressor(name)
+    return get_compressor(name, block_size=64)
+
+
+def blob_for(name, numel=300, seed=0):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    return encode(make(name).compress(x))
+
+
+def envelope(name="int8"):
+    return msgpack.unpackb(blob_for(name), raw=False)
+
+
+def reencode(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize("name", codec_names())
+def test_encode_decode_roundtrip_is_identical(name):
+    blob = blob_for(name)
+    p = decode(blob)
+    assert encode(p) == blob
+    assert p.codec == name and p.shape == (300,) and p.dtype == "float32"
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda o: o.update(v=2), "version 2 is not supported"),
+    (lambda o: o.update(codec="gzip"), "unknown codec 'gzip'"),
+    (lambda o: o.update(dtype="float64"), "dtype 'float64'"),
+    (lambda o: o.update(shape=[301]), "needs exactly"),
+    (lambda o: o.update(shape=[-1]), "non-negative"),
+    (lambda o: o.update(shape=[1 << 20, 1 << 20]), "over the limit"),
+    (lambda o: o["opts"].update(block_size=0), "block_size"),
+    (lambda o: o["opts"].update(extra=1), "exactly the keys"),
+    (lambda o: o["bufs"].reverse(), "must carry buffers"),
+    (lambda o: o["bufs"][0].__setitem__(1, "int8"), "must be \\[name"),
+    (lambda o: o["bufs"][0].__setitem__(2, o["bufs"][0][2][:-1]), "needs exactly"),
+    (lambda o: o["bufs"][1].__setitem__(2, b"\x00\x00\xc0\x7f" + o["bufs"][1][2][4:]), "non-finite"),
+    (lambda o: o["bufs"][1].__setitem__(2, b"\x00\x00\x80\xbf" + o["bufs"][1][2][4:]), "negative"),
+    (lambda o: o["bufs"][0].__setitem__(2, b"\x80" + o["bufs"][0][2][1:]), "-128"),
+    (lambda o: o.pop("v"), "keys"),
+])
+def test_each_violation_raises_wire_format_error(mutate, match):
+    obj = envelope("int8")
+    mutate(obj)
+    with pytest.raises(WireFormatError, match=match):
+        decode(reencode(obj))
+
+
+def test_topk_index_checks():
+    obj = envelope("topk")
+    idx = bytearray(obj["bufs"][0][2])
+    idx[0] = 0xFF  # first 6-bit index becomes 63 > its successor: not increasing
+    obj["bufs"][0][2] = bytes(idx)
+    with pytest.raises(WireFormatError, match="strictly increasing"):
+        decode(reencode(obj))
+
+
+def test_size_limit_and_non_bytes():
+    blob = blob_for("none")
+    with pytest.raises(WireFormatError, match="exceeds the limit"):
+        decode(blob, max_bytes=len(blob) - 1)
+    with pytest.raises(WireFormatError, match="expected bytes"):
+        decode("not bytes")
+    with pytest.raises(WireFormatError, match="msgpack"):
+        decode(b"")
+
+
+def _mutations(rng: random.Random, blob: bytes) -> bytes:
+    kind = rng.randrange(6)
+    b = bytearray(blob)
+    if kind == 0:  # truncate
+        return bytes(b[:rng.randrange(len(b))])
+    if kind == 1:  # flip 1..8 bits
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        return bytes(b)
+    if kind == 2:  # random bytes
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+    if kind == 3:  # overwrite a run with random bytes
+        i = rng.randrange(len(b))
+        for j in range(i, min(len(b), i + rng.randint(1, 16))):
+            b[j] = rng.randrange(256)
+        return bytes(b)
+    if kind == 4:  # duplicate or append garbage
+        return bytes(b + b[:rng.randrange(1, 32)])
+    # structured: valid msgpack with one field changed to a random value
+    obj = msgpack.unpackb(blob, raw=False)
+    key = rng.choice(["v", "codec", "opts", "dtype", "shape", "bufs"])
+    obj[key] = rng.choice([None, -1, 0, 2**40, "x", [], {}, [1, 2], 1.5, b"\x00", [-3], {"block_size": 3}])
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def test_fuzz_10000_blobs_raise_only_the_typed_error():
+    rng = random.Random(1234)
+    seeds = {name: blob_for(name, numel=rng.choice([1, 63, 300])) for name in codec_names()}
+    accepted = rejected = 0
+    for _ in range(10_000):
+        blob = _mutations(rng, seeds[rng.choice(codec_names())])
+        try:
+            p = decode(blob)
+        except WireFormatError:
+            rejected += 1
+            continue
+        accepted += 1
+        y = decompress(p)  # whatever decode lets through must be consistent with its header
+        assert tuple(y.shape) == p.shape and y.dtype == FLOAT_DTYPES[p.dtype]
+        assert torch.isfinite(y).all()
+    assert rejected > 9000 and accepted + rejected == 10_000
