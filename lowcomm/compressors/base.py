@@ -24,6 +24,8 @@ class Compressor(ABC):
     """
 
     name: ClassVar[str]
+    #: Sparse codecs are averaged by all-gather; dense ones by reduce-scatter.
+    sparse: ClassVar[bool] = False
 
     @abstractmethod
     def compress(self, x: torch.Tensor) -> Payload:

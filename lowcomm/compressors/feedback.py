@@ -72,11 +72,19 @@ class ErrorFeedback(_Stateful):
 
     def compress(self, key: str, x: torch.Tensor) -> Payload:
         """Compress ``x`` plus the residual kept under ``key``; update the residual."""
-        e = self._get(key, x)
-        p = x.detach().to(torch.float32) + e
+        p = self.compensate(key, x)
         payload = self.compressor.compress(p.to(x.dtype))
-        e.copy_(p - self.compressor.decompress(payload).to(torch.float32)).mul_(self.beta)
+        self.absorb(key, p, self.compressor.decompress(payload))
         return payload
+
+    def compensate(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """``p = x + e``: what to compress, in fp32 (for callers that compress ``p``
+        in pieces; follow with `absorb`)."""
+        return x.detach().to(torch.float32) + self._get(key, x)
+
+    def absorb(self, key: str, p: torch.Tensor, sent: torch.Tensor) -> None:
+        """``e = beta * (p - sent)``, where ``sent`` is what ``p`` decompressed to."""
+        self._get(key, p).copy_(p - sent.to(torch.float32)).mul_(self.beta)
 
     def residual(self, key: str) -> torch.Tensor | None:
         return self._state.get(key)

@@ -41,6 +41,8 @@ def _split(numel: int, chunk: int) -> tuple[int, int]:
 
 
 class _Sparse(Compressor):
+    sparse = True
+
     def __init__(self, density: float = 0.01, chunk_size: int = 4096, values: str = "fp16",
                  k: int | None = None):
         if type(chunk_size) is not int or not 1 <= chunk_size <= MAX_CHUNK:

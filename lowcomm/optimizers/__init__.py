@@ -1,0 +1,9 @@
+"""Outer optimizers: torch optimizer wrappers that talk to an `Averager`."""
+
+from lowcomm.optimizers.base import OuterOptimizer, Stats
+from lowcomm.optimizers.data_parallel import CompressedDataParallel, DataParallel
+from lowcomm.optimizers.diloco import DiLoCo, StreamingDiLoCo
+from lowcomm.optimizers.noloco import NoLoCo
+
+__all__ = ["CompressedDataParallel", "DataParallel", "DiLoCo", "NoLoCo", "OuterOptimizer", "Stats",
+           "StreamingDiLoCo"]

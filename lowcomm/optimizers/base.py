@@ -1,0 +1,129 @@
+"""What every outer optimizer shares: wrapping the inner optimizer, stats, state."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Union
+
+import torch
+
+from lowcomm.averaging import AverageResult, Averager, Compression
+from lowcomm.compressors import Compressor, ErrorFeedback, get_compressor
+
+#: Parameters as ``model.parameters()`` or ``model.named_parameters()``.
+Params = Iterable[Union[torch.Tensor, tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class Stats:
+    """Counters an outer optimizer keeps (bytes are wire bytes, both directions)."""
+
+    inner_steps: int = 0
+    outer_rounds: int = 0
+    rounds_not_averaged: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_group_size: int = 0
+
+    def record(self, result: AverageResult) -> None:
+        self.outer_rounds += 1
+        self.rounds_not_averaged += not result.averaged
+        self.bytes_sent += result.bytes_sent
+        self.bytes_received += result.bytes_received
+        self.last_group_size = result.group_size
+
+
+def named_params(params: Params) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs; unnamed tensors are called by their position."""
+    out = []
+    for i, p in enumerate(params):
+        name, tensor = p if isinstance(p, tuple) else (str(i), p)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"params must be tensors or (name, tensor) pairs, got {type(tensor).__name__}")
+        out.append((name, tensor))
+    if not out:
+        raise ValueError("params is empty: pass model.parameters() or model.named_parameters()")
+    return out
+
+
+def make_compression(compressor: str | Compressor | None, error_feedback: bool) -> Compression:
+    """A compressor by name or instance, wrapped in error feedback if asked."""
+    codec = get_compressor(compressor) if isinstance(compressor, str) else compressor
+    if error_feedback:
+        if codec is None:
+            raise ValueError("error_feedback=True needs a compressor")
+        return ErrorFeedback(codec)
+    return codec
+
+
+class OuterOptimizer(torch.optim.Optimizer):
+    """Base of the outer optimizers: an `Optimizer` whose ``param_groups`` are
+    the inner optimizer's (so torch LR schedulers on either keep working)."""
+
+    def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager):
+        self.named = named_params(params)
+        ours = {id(t) for _, t in self.named}
+        theirs = {id(p) for g in inner.param_groups for p in g["params"]}
+        if ours != theirs:
+            raise ValueError("params must be exactly the parameters the inner optimizer was built on")
+        super().__init__([t for _, t in self.named], {})
+        self.param_groups = inner.param_groups
+        self.defaults = inner.defaults
+        self.inner, self.averager = inner, averager
+        self.stats = Stats()
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [t for _, t in self.named]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def _base_state(self) -> dict:
+        return {"inner": self.inner.state_dict(), "stats": asdict(self.stats)}
+
+    def _load_base_state(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.stats = Stats(**state["stats"])
+
+
+def _block_of(name: str) -> str | None:
+    """``"blocks.3"`` for ``"blocks.3.attn.weight"``: the prefix up to the first
+    numeric path component (a transformer block), or None."""
+    m = re.match(r"^(.*?\.\d+)(\.|$)", name)
+    return m.group(1) if m else None
+
+
+def units(named: list[tuple[str, torch.Tensor]]) -> list[list[int]]:
+    """Indices of parameters grouped into units: one per transformer block
+    (names sharing a ``prefix.N`` component), every other parameter alone.
+    Units are ordered by first appearance."""
+    out: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(named):
+        out.setdefault(_block_of(name) or f"\x00{i}", []).append(i)
+    return list(out.values())
+
+
+def fragment_indices(named: list[tuple[str, torch.Tensor]], fragments: int, strategy: str) -> list[list[int]]:
+    """Parameter indices of each of ``fragments`` fragments.
+
+    ``"strided"``: unit u goes to fragment u mod P (fragments interleave over
+    depth, as Streaming DiLoCo); ``"sequential"``: P contiguous runs of units.
+    """
+    us = units(named)
+    if fragments > len(us):
+        raise ValueError(f"fragments={fragments} is more than the {len(us)} parameter units (transformer "
+                         f"blocks or tensors) to split; use fragments <= {len(us)}")
+    if strategy == "strided":
+        groups = [us[p::fragments] for p in range(fragments)]
+    elif strategy == "sequential":
+        base, extra = divmod(len(us), fragments)
+        groups, start = [], 0
+        for p in range(fragments):
+            stop = start + base + (p < extra)
+            groups.append(us[start:stop])
+            start = stop
+    else:
+        raise ValueError(f"fragment_strategy must be 'strided' or 'sequential', got {strategy!r}")
+    return [sorted(i for u in g for i in u) for g in groups]
