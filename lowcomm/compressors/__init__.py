@@ -14,9 +14,9 @@ from lowcomm.compressors.base import Compressor, codec_names, decompress, get_co
 from lowcomm.compressors.errors import WireFormatError
 from lowcomm.compressors.feedback import EF21, ErrorFeedback
 from lowcomm.compressors.payload import Payload
-from lowcomm.compressors.wire import MAX_BLOB_BYTES, WIRE_VERSION, decode, encode
+from lowcomm.compressors.wire import MAX_BLOB_BYTES, WIRE_VERSION, decode, encode, wire_size
 
 __all__ = [
     "Compressor", "EF21", "ErrorFeedback", "MAX_BLOB_BYTES", "Payload", "WIRE_VERSION", "WireFormatError",
-    "codec_names", "decode", "decompress", "encode", "get_compressor",
+    "codec_names", "decode", "decompress", "encode", "get_compressor", "wire_size",
 ]

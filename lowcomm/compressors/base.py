@@ -48,6 +48,10 @@ class Compressor(ABC):
     def options(self) -> dict:
         """The constructor options, as `get_compressor` takes them."""
 
+    def wire_options(self, numel: int) -> dict:
+        """The options a payload of ``numel`` values carries."""
+        return self.options()
+
     @classmethod
     @abstractmethod
     def check_options(cls, options: dict, numel: int) -> None:

@@ -67,7 +67,7 @@ class _Sparse(Compressor):
     def options(self) -> dict:
         return {"chunk_size": self.chunk_size, "k": self.k, "values": self.values}
 
-    def _wire_options(self, numel: int) -> dict:
+    def wire_options(self, numel: int) -> dict:
         return {**self.options(), "k_tail": self._k_tail(_split(numel, self.chunk_size)[1])}
 
     @classmethod
@@ -131,7 +131,7 @@ class TopK(_Sparse):
             mags = flat[full * self.chunk_size:].abs()
             indices[1] = mags.topk(self._k_tail(tail), sorted=False).indices.sort().values
         packed = pack(torch.cat([indices[0].reshape(-1), indices[1]]), index_bits(self.chunk_size))
-        return new_payload(self.name, self._wire_options(flat.numel()), x,
+        return new_payload(self.name, self.wire_options(flat.numel()), x,
                            indices=packed, values=self._gather(flat, indices))
 
     @classmethod
@@ -208,6 +208,9 @@ class RandK(_Sparse):
     def options(self) -> dict:
         return {**super().options(), "seed": self.seed}
 
+    def wire_options(self, numel: int) -> dict:
+        return {**super().wire_options(numel), "seed": 2**62 - 1}  # draw seeds take up to 9 bytes
+
     @staticmethod
     def _indices(options: dict, numel: int, draw_seed: int) -> list[torch.Tensor]:
         chunk = options["chunk_size"]
@@ -219,7 +222,7 @@ class RandK(_Sparse):
     def compress(self, x: torch.Tensor) -> Payload:
         flat = flat_fp32(x)
         draw_seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-        options = {**self._wire_options(flat.numel()), "seed": draw_seed}
+        options = {**self.wire_options(flat.numel()), "seed": draw_seed}
         indices = self._indices(options, flat.numel(), draw_seed)
         return new_payload(self.name, options, x, values=self._gather(flat, indices))
 

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import torch
 
-from lowcomm.compressors.base import codec_class
+from lowcomm.compressors.base import Compressor, codec_class
 from lowcomm.compressors.errors import WireFormatError
 from lowcomm.compressors.payload import BUFFER_DTYPES, FLOAT_DTYPES, Payload
 
@@ -69,6 +69,21 @@ def encode(payload: Payload) -> bytes:
     return msgpack.packb({"v": WIRE_VERSION, "codec": payload.codec, "opts": payload.options,
                           "dtype": payload.dtype, "shape": list(payload.shape), "bufs": bufs},
                          use_bin_type=True)
+
+
+def wire_size(codec: Compressor, numel: int) -> int:
+    """Bytes `encode` produces for ``numel`` fp32 values of a 1-D tensor, without
+    compressing anything (every codec's size depends only on numel and options;
+    for ``randk`` this is an upper bound, within 8 bytes)."""
+    options = codec.wire_options(numel)
+    spec = codec.buffer_spec(options, numel)
+    empty = Payload(codec.name, options, "float32", (numel,),
+                    {name: torch.zeros(0, dtype=BUFFER_DTYPES[dt]) for name, (dt, _) in spec.items()})
+    size = len(encode(empty))
+    for dt, count in spec.values():
+        n = count * BUFFER_DTYPES[dt].itemsize
+        size += n + (0 if n < 256 else 1 if n < 65536 else 3)  # msgpack bin8/16/32 length prefix
+    return size
 
 
 def _field(obj: dict, key: str, kind: type | tuple[type, ...]):

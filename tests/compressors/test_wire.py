@@ -126,3 +126,17 @@ def test_fuzz_10000_blobs_raise_only_the_typed_error():
         assert tuple(y.shape) == p.shape and y.dtype == FLOAT_DTYPES[p.dtype]
         assert torch.isfinite(y).all()
     assert rejected > 9000 and accepted + rejected == 10_000
+
+
+@pytest.mark.parametrize("name", codec_names())
+@pytest.mark.parametrize("numel", [0, 1, 63, 300, 70_000])
+def test_wire_size_predicts_encoded_length(name, numel):
+    from lowcomm.compressors import wire_size
+
+    codec = make(name)
+    actual = len(encode(codec.compress(torch.randn(numel, generator=torch.Generator().manual_seed(numel)))))
+    predicted = wire_size(codec, numel)
+    if name == "randk":
+        assert actual <= predicted <= actual + 8
+    else:
+        assert predicted == actual

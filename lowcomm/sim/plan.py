@@ -1,0 +1,97 @@
+"""`lowcomm plan`: predicted compute utilisation without training.
+
+The same network model and the same schedules as the simulator (see
+`lowcomm.sim.network`), run for one worker whose group peers are identical to
+it: byte counts come from the codecs' exact wire sizes (`wire_size`), the
+exchange patterns from `lowcomm.sim.exchange`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowcomm.averaging import shard_bounds
+from lowcomm.compressors import Compressor, get_compressor, wire_size
+from lowcomm.sim.network import Network, WorkerClock, settle
+
+
+def exchange_phases(codec: Compressor, numel: int, n: int, member: int = 0) -> list[tuple[int, int]]:
+    """(bytes sent, bytes received) per phase for ``member`` of a group of ``n``
+    averaging ``numel`` values (butterfly for dense codecs, all-gather for sparse)."""
+    if n < 2:
+        return []
+    if codec.sparse:
+        size = wire_size(codec, numel)
+        return [((n - 1) * size, (n - 1) * size)]
+    sizes = [wire_size(codec, hi - lo) for lo, hi in shard_bounds(numel, n)]
+    others = sum(sizes) - sizes[member]
+    return [(others, (n - 1) * sizes[member]), ((n - 1) * sizes[member], others)]
+
+
+@dataclass
+class Schedule:
+    """When an algorithm exchanges what.
+
+    ``every``: inner steps between exchanges of one fragment; ``numels``: values
+    per fragment; ``offsets``: first step of each fragment; ``delay``: steps
+    between sending and needing the result; ``group``: members per group;
+    ``codec``: the compressor on the wire.
+    """
+
+    every: int
+    numels: list[int]
+    offsets: list[int]
+    delay: int
+    group: int
+    codec: Compressor
+
+
+def schedule_for(algorithm: str, params: int, workers: int, *, sync_every: int = 100, fragments: int = 1,
+                 delay: int = 0, compressor: str | None = None, group_size: int | None = None,
+                 fragment_numels: list[int] | None = None) -> Schedule:
+    """The exchange schedule of ``algorithm`` ("ddp", "diloco", "streaming", "noloco")."""
+    codec = get_compressor(compressor or "none")
+    group = min(workers, group_size or workers)
+    if algorithm == "ddp":
+        return Schedule(1, [params], [0], 0, workers, codec)
+    if algorithm == "noloco":
+        return Schedule(sync_every, [2 * params], [0], 0, min(workers, group_size or 2), codec)
+    if algorithm in ("diloco", "streaming"):
+        numels = fragment_numels or [hi - lo for lo, hi in shard_bounds(params, fragments)]
+        offsets = [p * sync_every // len(numels) for p in range(len(numels))]
+        return Schedule(sync_every, numels, offsets, delay, group, codec)
+    raise ValueError(f"unknown algorithm {algorithm!r}; choose ddp, diloco, streaming or noloco")
+
+
+def predict(schedule: Schedule, step_time: float, network: Network, steps: int) -> WorkerClock:
+    """Run ``steps`` inner steps of ``schedule`` on one worker's virtual clock."""
+    clock = WorkerClock()
+    pending: list[tuple[int, float, list[tuple[int, int]]]] = []  # (needed at step, sent at, phases)
+    for t in range(1, steps + 1):
+        clock.now += step_time
+        clock.compute += step_time
+        for numel, offset in zip(schedule.numels, schedule.offsets):
+            if t % schedule.every == offset:
+                pending.append((t + schedule.delay, clock.now, exchange_phases(schedule.codec, numel, schedule.group)))
+        while pending and pending[0][0] <= t:
+            _, sent_at, phases = pending.pop(0)
+            if phases:
+                settle(clock, network, sent_at, phases, sum(sent for sent, _ in phases))
+    return clock
+
+
+def bandwidth_for(schedule: Schedule, step_time: float, latency: float, steps: int, target: float = 0.95) -> float | None:
+    """The least bandwidth (bits/s) at which utilisation reaches ``target``, or
+    None if latency alone keeps it below (bisection on a log scale)."""
+    def util(bw: float) -> float:
+        return predict(schedule, step_time, Network(bw, latency), steps).utilization
+
+    lo, hi = 1.0, 1e15
+    if util(hi) < target:
+        return None
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if util(mid) < target else (lo, mid)
+        if hi / lo < 1.001:
+            break
+    return hi

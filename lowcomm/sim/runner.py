@@ -1,0 +1,183 @@
+"""Train one algorithm with N simulated workers and record what happened.
+
+Every worker has its own model (same initial weights), inner optimizer and
+data shard, and runs in its own thread with the real outer optimizer over a
+`LocalSwarm`; a `NetworkModel` turns each worker's compute and exchanges into
+virtual time. Torch runs one intra-op thread per worker so that runs are
+deterministic and the step time means "one core".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Callable
+
+import torch
+
+from lowcomm.config import ConfigError, SimulateConfig
+from lowcomm.optimizers import DataParallel, DiLoCo, NoLoCo, OuterOptimizer
+from lowcomm.sim.network import Network, NetworkModel
+from lowcomm.sim.swarm import LocalSwarm
+from lowcomm.tasks import Task
+
+DEFAULT_SYNC = {"diloco": 100, "streaming": 100, "noloco": 50}
+DEFAULT_CODEC = {"ddp": "none", "diloco": "none", "streaming": "fp4", "noloco": "none"}
+
+
+@dataclass
+class Settings:
+    """The resolved per-algorithm settings of one run."""
+
+    algorithm: str
+    sync_every: int
+    fragments: int
+    delay: int
+    alpha: float
+    compressor: str
+    error_feedback: bool
+    group_size: int | None
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+
+def settings_for(algorithm: str, cfg: SimulateConfig) -> Settings:
+    sync = cfg.sync_every or DEFAULT_SYNC.get(algorithm, 1)
+    codec = "none" if algorithm == "ddp" else (cfg.compressor or DEFAULT_CODEC[algorithm])
+    group = cfg.group_size or (2 if algorithm == "noloco" else None)
+    outer_lr = cfg.outer_lr or 0.7
+    momentum = cfg.outer_momentum if cfg.outer_momentum >= 0 else (0.5 if algorithm == "noloco" else 0.9)
+    if algorithm == "streaming":
+        return Settings(algorithm, sync, cfg.fragments, cfg.delay, cfg.alpha, codec, cfg.error_feedback, group,
+                        outer_lr, momentum)
+    return Settings(algorithm, sync, 1, 0, 0.0, codec, cfg.error_feedback and algorithm != "ddp", group,
+                    outer_lr, momentum)
+
+
+def build_optimizer(s: Settings, model: torch.nn.Module, inner: torch.optim.Optimizer, averager) -> OuterOptimizer:
+    named = list(model.named_parameters())
+    if s.algorithm == "ddp":
+        return DataParallel(named, inner, averager)
+    if s.algorithm == "noloco":
+        return NoLoCo(named, inner, averager, sync_every=s.sync_every, group_size=s.group_size,
+                      compressor=s.compressor, error_feedback=s.error_feedback, outer_lr=s.outer_lr,
+                      outer_momentum=s.outer_momentum)
+    return DiLoCo(named, inner, averager, sync_every=s.sync_every, fragments=s.fragments, delay=s.delay,
+                  alpha=s.alpha, compressor=s.compressor, error_feedback=s.error_feedback, group_size=s.group_size,
+                  outer_lr=s.outer_lr, outer_momentum=s.outer_momentum)
+
+
+def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
+    """Multiplier of the inner learning rate at a step: "constant", or "cosine"
+    (linear warm-up over 5% of the steps, then cosine decay to 10%)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    warmup = max(1, steps // 20)
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return cosine
+
+
+def measure_step_time(task: Task, seed: int, lr: float, steps: int = 8) -> float:
+    """Median thread CPU seconds of one inner step (forward, backward, AdamW) on one core."""
+    model = task.make_model(seed)
+    opt = task.make_inner(model, lr)
+    data = task.batches(0, 1, seed)
+    times = []
+    for _ in range(steps):
+        t0 = time.thread_time()
+        task.loss(model, next(data)).backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.thread_time() - t0)
+    return median(times[2:])
+
+
+@dataclass
+class Record:
+    """One evaluation point of one algorithm (means over workers)."""
+
+    algorithm: str
+    step: int
+    tokens: int
+    eval_loss: float
+    train_loss: float
+    bytes_sent_per_worker: float
+    bytes_received_per_worker: float
+    outer_rounds: int
+    virtual_time_s: float
+    compute_utilization: float
+
+
+@dataclass
+class AlgorithmRun:
+    settings: Settings
+    records: list[Record] = field(default_factory=list)
+    clocks: list = field(default_factory=list)
+    fragment_numels: list[int] = field(default_factory=list)
+    params: int = 0
+
+
+def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: int, step_time: float,
+                  network: Network, on_step: Callable[[int], None] | None = None,
+                  on_round: Callable[[str], None] | None = None) -> AlgorithmRun:
+    """Train ``settings.algorithm`` for ``steps`` inner steps on every worker."""
+    n = cfg.workers
+    swarm = LocalSwarm(n, seed=cfg.seed, run_id=settings.algorithm)
+    net = NetworkModel(network, [swarm.peer_id(r) for r in range(n)])
+    lr = cfg.lr or task.default_lr
+    points = sorted({0, steps, *range(cfg.eval_every, steps, cfg.eval_every)})
+    out = AlgorithmRun(settings)
+
+    def worker(rank: int, averager) -> list[tuple]:
+        model = task.make_model(cfg.seed)
+        inner = task.make_inner(model, lr)
+        timed = net.wrap(averager)
+        try:
+            opt = build_optimizer(settings, model, inner, timed)
+        except ValueError as e:
+            raise ConfigError(f"--{settings.algorithm}", str(e)) from None
+        if rank == 0:
+            out.params = sum(p.numel() for p in model.parameters())
+            if isinstance(opt, DiLoCo):
+                out.fragment_numels = [sum(t.numel() for t in phi) for phi in opt.phi]
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, steps))
+        data = task.batches(rank, n, cfg.seed)
+        clock = net.clocks[timed.peer_id]
+        rows, train_loss, rounds_seen = [], float("nan"), 0
+        for step in range(steps + 1):
+            if step:
+                loss = task.loss(model, next(data))
+                loss.backward()
+                train_loss = loss.item()
+                net.compute(timed.peer_id, step_time)
+                opt.step()
+                opt.zero_grad()
+                schedule.step()
+                if on_step:
+                    on_step(1)
+            if step in points:
+                rows.append((step, task.evaluate(model), train_loss, opt.stats.bytes_sent, opt.stats.bytes_received,
+                             opt.stats.outer_rounds, clock.now, clock.utilization))
+            if rank == 0 and on_round and settings.algorithm != "ddp" and opt.stats.outer_rounds > rounds_seen:
+                rounds_seen = opt.stats.outer_rounds
+                on_round(f"{settings.algorithm:>9} round {rounds_seen:3d}  step {step:5d}  train loss {train_loss:.4f}  "
+                         f"sent {opt.stats.bytes_sent / 1e6:8.3f} MB  group {opt.stats.last_group_size}  "
+                         f"virtual {clock.now:8.2f} s")
+        return rows
+
+    per_worker = swarm.run(worker)
+    for i, step in enumerate(points):
+        rows = [w[i] for w in per_worker]
+        mean = [sum(col) / n for col in zip(*rows)]
+        out.records.append(Record(settings.algorithm, step, step * n * task.tokens_per_batch, mean[1], mean[2],
+                                  mean[3], mean[4], int(rows[0][5]), max(r[6] for r in rows), mean[7]))
+    out.clocks = list(net.clocks.values())
+    return out

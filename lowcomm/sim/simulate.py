@@ -1,0 +1,148 @@
+"""`lowcomm simulate`: compare algorithms on one machine with a network model.
+
+    lowcomm simulate                                   # tinylm, 4 workers, 4 algorithms
+    lowcomm simulate --workers 16 --bandwidth 100Mbit --algorithms diloco,streaming
+
+Writes ``<out>/<name>/`` with config.json, metrics.jsonl, summary.json,
+summary.md and loss.png.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lowcomm.config import ConfigError, SimulateConfig
+from lowcomm.sim import plan, report
+from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
+from lowcomm.sim.runner import measure_step_time, run_algorithm, settings_for
+from lowcomm.tasks import TaskError, load_task
+
+
+def validate(cfg: SimulateConfig) -> None:
+    for flag, value, lo in (("--workers", cfg.workers, 1), ("--steps", cfg.steps, 1), ("--eval-every", cfg.eval_every, 1),
+                            ("--fragments", cfg.fragments, 1), ("--delay", cfg.delay, 0), ("--tokens", cfg.tokens, 0),
+                            ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0),
+                            ("--batch-size", cfg.batch_size, 0)):
+        if value < lo:
+            raise ConfigError(flag, f"must be >= {lo}, got {value}")
+    if cfg.group_size == 1:
+        raise ConfigError("--group-size", "must be 0 (everyone) or >= 2")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ConfigError("--alpha", f"must be in [0, 1], got {cfg.alpha}")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ConfigError("--schedule", f"must be cosine or constant, got {cfg.schedule!r}")
+    if cfg.outer_lr < 0:
+        raise ConfigError("--outer-lr", f"must be positive (or 0 for the default), got {cfg.outer_lr}")
+    if cfg.outer_momentum >= 1:
+        raise ConfigError("--outer-momentum", f"must be below 1, got {cfg.outer_momentum}")
+    if cfg.lr < 0:
+        raise ConfigError("--lr", f"must be positive (or 0 for the task default), got {cfg.lr}")
+    cfg.algorithm_list()
+    if cfg.compressor:
+        from lowcomm.compressors import codec_names
+        if cfg.compressor not in codec_names():
+            raise ConfigError("--compressor", f"unknown codec {cfg.compressor!r}; choose from {', '.join(codec_names())}")
+
+
+def network_of(cfg: SimulateConfig) -> Network:
+    try:
+        bandwidth = parse_bandwidth(cfg.bandwidth)
+    except NetworkSpecError as e:
+        raise ConfigError("--bandwidth", str(e)) from None
+    try:
+        latency = parse_duration(cfg.latency)
+    except NetworkSpecError as e:
+        raise ConfigError("--latency", str(e)) from None
+    return Network(bandwidth, latency)
+
+
+def step_time_of(cfg: SimulateConfig, task, lr: float) -> tuple[float, bool]:
+    """(seconds per inner step, whether it was measured)."""
+    if cfg.step_time == "auto":
+        return measure_step_time(task, cfg.seed, lr), True
+    try:
+        value = parse_duration(cfg.step_time)
+    except NetworkSpecError as e:
+        raise ConfigError("--step-time", f"{e}; or 'auto'") from None
+    if value <= 0:
+        raise ConfigError("--step-time", "must be positive")
+    return value, False
+
+
+def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
+    """Run every algorithm of ``cfg``; returns the run folder."""
+    console = console or Console()
+    validate(cfg)
+    network = network_of(cfg)
+    try:
+        options = {"data": cfg.data} if cfg.data else {}
+        if cfg.batch_size:
+            options["batch_size"] = cfg.batch_size
+        task = load_task(cfg.task, **options)
+    except TaskError as e:
+        raise ConfigError("--data" if cfg.data and "--data" in str(e) else "--task", str(e)) from None
+    lr = cfg.lr or task.default_lr
+    steps = cfg.steps
+    if cfg.tokens:
+        steps = max(1, cfg.tokens // (cfg.workers * task.tokens_per_batch))
+    algorithms = cfg.algorithm_list()
+    settings = [settings_for(a, cfg) for a in algorithms]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step_time, measured = step_time_of(cfg, task, lr)
+        run_dir = Path(cfg.out) / (cfg.name or f"simulate-{cfg.seed}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        console.print(f"[bold]lowcomm simulate[/]: task {task.name}, {cfg.workers} workers, {steps} steps each, "
+                      f"{cfg.bandwidth} / {cfg.latency} links, step time {step_time * 1e3:.1f} ms"
+                      f"{' (measured)' if measured else ''} -> {run_dir}")
+        runs, started = [], time.time()
+        with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, disable=not cfg.progress) as bar:
+            for s in settings:
+                job = bar.add_task(s.algorithm, total=steps * cfg.workers)
+                runs.append(run_algorithm(cfg, task, s, steps, step_time, network,
+                                          on_step=lambda k, job=job: bar.advance(job, k),
+                                          on_round=lambda line: bar.console.print(line)))
+    finally:
+        torch.set_num_threads(threads)
+
+    bandwidth_95 = {}
+    for run in runs:
+        s = run.settings
+        sched = plan.schedule_for(s.algorithm, run.params, cfg.workers, sync_every=s.sync_every,
+                                  fragments=s.fragments, delay=s.delay, compressor=s.compressor,
+                                  group_size=s.group_size, fragment_numels=run.fragment_numels or None)
+        bandwidth_95[s.algorithm] = plan.bandwidth_for(sched, step_time, network.latency, steps)
+    summary = report.summarize(runs, bandwidth_95)
+    config = {"simulate": asdict(cfg), "steps": steps, "step_time_s": step_time, "step_time_measured": measured,
+              "bandwidth_bps": network.bandwidth, "latency_s": network.latency, "task": task.name,
+              "measured_time_fields": list(report.MEASURED_FIELDS)}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    report.write_metrics(run_dir / "metrics.jsonl", runs)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    context = [f"# lowcomm simulate: {run_dir.name}", "",
+               f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · task {task.name} · "
+               f"{cfg.workers} workers · {steps} steps each · {cfg.bandwidth}, {cfg.latency} · "
+               f"step time {step_time * 1e3:.1f} ms{' (measured)' if measured else ''} · "
+               f"{time.time() - started:.0f} s to run"]
+    report.write_markdown(run_dir / "summary.md", summary, context)
+    report.plot(run_dir / "loss.png", runs)
+
+    table = Table(*report.HEADER, title=f"{task.name}: {cfg.workers} workers, {cfg.bandwidth}, {cfg.latency}")
+    for row in report.table_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {run_dir}/: config.json metrics.jsonl summary.json summary.md loss.png")
+    return run_dir

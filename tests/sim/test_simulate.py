@@ -1,0 +1,122 @@
+"""`lowcomm simulate` and `lowcomm plan`: files, determinism, agreement, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowcomm.config import SimulateConfig
+from lowcomm.sim import plan
+from lowcomm.sim.network import Network
+from lowcomm.sim.report import MEASURED_FIELDS
+from lowcomm.sim.simulate import simulate
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "tests.sim.tinytask:task"
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lowcomm", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_simulate_writes_every_file_and_repeats_exactly(tmp_path):
+    args = ["simulate", "--task", TINY, "--steps", "40", "--eval-every", "10", "--sync-every", "10",
+            "--fragments", "2", "--delay", "2", "--out", str(tmp_path), "--no-progress"]
+    a = cli(*args, "--name", "a")
+    b = cli(*args, "--name", "b")
+    assert a.returncode == 0, a.stderr
+    assert b.returncode == 0, b.stderr
+    for name in ("config.json", "metrics.jsonl", "summary.json", "summary.md", "loss.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in MEASURED_FIELDS}
+        return obj
+
+    metrics = [[strip(json.loads(line)) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+               for r in "ab"]
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 4 * 5
+    summaries = [strip(json.loads((tmp_path / r / "summary.json").read_text())) for r in "ab"]
+    assert summaries[0] == summaries[1]
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(s) == {"ddp", "diloco", "streaming", "noloco"}
+    for entry in s.values():
+        assert {"final_eval_loss", "bytes_sent_per_worker", "bytes_ratio_vs_ddp", "predicted_wall_clock_s",
+                "compute_utilization"} <= set(entry)
+    assert s["ddp"]["bytes_ratio_vs_ddp"] == 1.0
+    assert s["diloco"]["bytes_ratio_vs_ddp"] > 5  # H = 10
+
+
+def test_plan_agrees_with_simulate(tmp_path):
+    cfg = SimulateConfig(task=TINY, steps=60, eval_every=30, sync_every=20, fragments=2, delay=3, workers=4,
+                         step_time="20ms", bandwidth="2Mbit", latency="30ms", out=str(tmp_path), progress=False)
+    run_dir = simulate(cfg, Console(file=open(os.devnull, "w")))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    params = summary["ddp"]["params"]
+    for alg, entry in summary.items():
+        s = entry["settings"]
+        numels = None
+        if alg in ("diloco", "streaming"):
+            from lowcomm.optimizers.base import fragment_indices
+            from tests.sim.tinytask import task
+            named = list(task().make_model(0).named_parameters())
+            numels = [sum(named[i][1].numel() for i in idx) for idx in
+                      fragment_indices(named, s["fragments"], "strided")]
+        sched = plan.schedule_for(alg, params, 4, sync_every=s["sync_every"], fragments=s["fragments"],
+                                  delay=s["delay"], compressor=s["compressor"], group_size=s["group_size"],
+                                  fragment_numels=numels)
+        predicted = plan.predict(sched, 0.02, Network(2e6, 0.03), 60).utilization
+        assert entry["compute_utilization"] < 1.0 or alg == "streaming"
+        assert predicted == pytest.approx(entry["compute_utilization"], rel=2e-3), alg
+
+
+def test_plan_prints_a_table():
+    r = cli("plan", "--params", "125M", "--step-time", "500ms", "--workers", "8", "--bandwidth", "1Gbit")
+    assert r.returncode == 0, r.stderr
+    for alg in ("ddp", "diloco", "streaming", "noloco"):
+        assert alg in r.stdout
+    assert "bandwidth for 95%" in r.stdout.replace("\n", " ") or "95%" in r.stdout
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--workers", "0"], "--workers"),
+    (["--algorithms", "ddp,magic"], "--algorithms"),
+    (["--bandwidth", "10 potatoes"], "--bandwidth"),
+    (["--task", "no_such_module_xyz:make"], "--task"),
+    (["--task", "tests.sim.tinytask:broken"], "--task"),
+    (["--step-time", "soon"], "--step-time"),
+    (["--sync-every", "10", "--fragments", "3"], "--streaming"),
+])
+def test_bad_input_is_one_line_exit_2(args, flag):
+    r = cli("simulate", "--task", TINY, "--steps", "5", "--no-progress", *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and flag in lines[0], r.stderr
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli("simulate", "--data", str(tmp_path / "empty"), "--steps", "5", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--data" in r.stderr and "no files" in r.stderr
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    (tmp_path / "c.toml").write_text('workers = 3\nsteps = 7\nalgorithms = "diloco"\n')
+    r = cli("simulate", "--config", str(tmp_path / "c.toml"), "--steps", "0", "--task", TINY, "--no-progress")
+    assert r.returncode == 2 and "--steps" in r.stderr  # the flag (0) beat the file (7), then failed validation
+    r = cli("simulate", "--config", str(tmp_path / "c.toml"), "--task", TINY, "--sync-every", "7",
+            "--out", str(tmp_path), "--name", "x", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "workers = 3 (from config file)" in r.stdout and "sync_every = 7 (from flag)" in r.stdout
+    config = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert config["simulate"]["workers"] == 3 and config["steps"] == 7
