@@ -46,8 +46,8 @@ class SimulateConfig:
     tokens: int = opt(0, "Total training tokens over all workers; if set, overrides --steps.")
     lr: float = opt(0.0, "Inner AdamW learning rate (0: the task's default).")
     batch_size: int = opt(0, "Sequences per worker per step (0: the task's default; tinylm 16).")
-    schedule: str = opt("cosine", "Inner learning-rate schedule, the same for every algorithm: cosine (5% linear "
-                        "warm-up, then cosine decay to 10%) or constant.")
+    schedule: str = opt("constant", "Inner learning-rate schedule, the same for every algorithm: constant, or "
+                        "cosine (5% linear warm-up, then cosine decay to 10%).")
     outer_lr: float = opt(0.0, "Outer learning rate (0: the algorithm's default, 0.7).")
     outer_momentum: float = opt(-1.0, "Outer momentum (-1: the algorithm's default, diloco 0.9, noloco 0.5).")
     sync_every: int = opt(0, "H, inner steps between outer syncs (0: per algorithm, diloco/streaming 100, noloco 50).")
