@@ -38,6 +38,8 @@ class AverageResult:
     decompressed to (what entered the mean; error feedback uses it), or None
     when nothing was sent. ``phases`` lists (bytes sent, bytes received) for
     each sequential message phase of the exchange, for network models.
+    ``shards_averaged`` (real swarm, butterfly) says which of the group's
+    shards were averaged; a shard whose reducer failed keeps the local values.
     """
 
     tensors: list[torch.Tensor]
@@ -48,6 +50,7 @@ class AverageResult:
     phases: list[tuple[int, int]] = field(default_factory=list)
     sent: list[torch.Tensor] | None = None
     reason: str = ""
+    shards_averaged: list[bool] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:

@@ -1,0 +1,12 @@
+"""The real swarm: membership, matchmaking and group averaging over a Transport.
+
+Backends are imported lazily by name (`lowcomm.p2p.backends`): hivemind and
+py-libp2p cannot live in one process.
+"""
+
+from lowcomm.p2p.memory import MemoryNetwork, MemoryTransport
+from lowcomm.p2p.swarm import Swarm, SwarmHandle
+from lowcomm.p2p.transport import PeerUnreachable, Transport, TransportError
+
+__all__ = ["MemoryNetwork", "MemoryTransport", "PeerUnreachable", "Swarm", "SwarmHandle", "Transport",
+           "TransportError"]

@@ -1,0 +1,513 @@
+"""`Swarm`: the Averager protocol over real peers, on any `Transport`.
+
+    with Swarm.create(run_id="demo") as swarm:            # the first node
+        print(swarm.addrs())
+    with Swarm.join(["/ip4/.../p2p/..."], run_id="demo") as swarm:
+        handle = swarm.average("k", tensors, round=0)
+
+How a round ``(key, round)`` goes:
+
+1. **Membership.** Every node publishes a record under ``<run>/members`` with
+   a short TTL and refreshes it; nodes that stop refreshing drop out.
+2. **Matchmaking.** The live member with the smallest peer id leads. Each
+   node sends it JOIN(key, round); the leader answers every JOIN with the
+   roster once every live member has joined, or ``window`` seconds after the
+   first JOIN. A node that joins after that is told the roster without it and
+   gets its own tensors back (it takes part from the next round). If the
+   leader cannot be reached, the next smallest leads.
+3. **Groups** are drawn from the roster and the round seed
+   (`lowcomm.averaging.draw_groups`), identically on every member.
+4. **Exchange.** Dense codecs: butterfly. Member i sends shard j of its
+   compressed contribution to member j; member j averages the shards that
+   arrived by the deadline in fp32 (weights renormalised over them),
+   compresses the mean and sends it to every member. A shard whose reducer
+   fails is reduced instead by member (j + 1) mod n from the parts it can
+   still get; if that one fails too, the shard keeps the local values
+   (``shards_averaged`` says which). Sparse
+   codecs: all-gather of whole payloads. Payloads are validated with
+   `decode`; a peer whose payload is invalid is left out and logged.
+5. **Deadlines** come from the payload size and an assumed bandwidth
+   (``bandwidth``, default 100 Mbit/s, with a 4x margin) plus ``base_timeout``,
+   so the defaults hold on loopback and on 100 Mbit/s links.
+
+The swarm runs its own asyncio loop in a daemon thread; `average` returns at
+once. `close` (also on context exit and at interpreter exit) stops the
+transport, its daemon and the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import msgpack
+import torch
+
+from lowcomm.averaging import (
+    AverageResult, Compression, check_group_size, draw_groups, flatten, group_seed, shard_bounds, unflatten,
+)
+from lowcomm.compressors import Compressor, ErrorFeedback, WireFormatError, decode, encode, get_compressor
+from lowcomm.p2p import messages
+from lowcomm.p2p.transport import PeerUnreachable, Transport
+
+log = logging.getLogger("lowcomm.p2p")
+
+
+@dataclass
+class _Lobby:
+    """The leader's view of one (key, round)."""
+
+    joined: dict[str, float] = field(default_factory=dict)
+    first: float = 0.0
+    roster: list[str] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Inbox:
+    """Messages received for one (key, round), by (phase, shard, sender)."""
+
+    created: float
+    items: dict[tuple[str, int, str], dict] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SwarmHandle:
+    """What `Swarm.average` returns (see `lowcomm.averaging.AverageHandle`)."""
+
+    def __init__(self, future: Future, own: list[torch.Tensor], default_timeout: float):
+        self._future, self._own, self._default = future, own, default_timeout
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> AverageResult:
+        try:
+            return self._future.result(self._default if timeout is None else timeout)
+        except FutureTimeout:
+            return AverageResult([t.detach().clone() for t in self._own], False, reason="deadline passed")
+
+
+class Swarm:
+    """An `Averager` over real peers (see the module docstring).
+
+    Args:
+        transport: a `Transport` (not started yet).
+        run_id: the training run; nodes of other runs are ignored.
+        membership_ttl: seconds a membership record lives without refresh [10].
+        window: seconds the leader waits for missing members after the first JOIN [5].
+        base_timeout: fixed part of every deadline, in seconds [10].
+        bandwidth: bits/s assumed when sizing deadlines [100e6].
+    """
+
+    def __init__(self, transport: Transport, run_id: str = "lowcomm", *, membership_ttl: float = 10.0,
+                 window: float = 5.0, base_timeout: float = 10.0, bandwidth: float = 100e6):
+        self.transport, self.run_id = transport, run_id
+        self.membership_ttl, self.window = membership_ttl, window
+        self.base_timeout, self.bandwidth = base_timeout, bandwidth
+        self._members: list[str] = []
+        self._lobbies: dict[tuple[str, int], _Lobby] = {}
+        self._inboxes: dict[tuple[str, int], _Inbox] = {}
+        self._closed = False
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"lowcomm-swarm-{run_id}", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(), timeout=120)
+        except BaseException:
+            self.close()
+            raise
+        _open_swarms.add(self)
+
+    # --- construction helpers ---
+    @classmethod
+    def create(cls, run_id: str = "lowcomm", *, backend: str = "hivemind", **kwargs) -> Swarm:
+        """Start a new swarm (the first node). See `join` for the options."""
+        return cls.join([], run_id=run_id, backend=backend, **kwargs)
+
+    @classmethod
+    def join(cls, initial_peers: Sequence[str], run_id: str = "lowcomm", *, backend: str = "hivemind",
+             listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), announce: Sequence[str] = (),
+             identity_path: str | None = None, **swarm_options) -> Swarm:
+        """Join the swarm reachable at ``initial_peers`` (multiaddrs) over ``backend``."""
+        from lowcomm.p2p.backends import make_transport
+
+        transport = make_transport(backend, initial_peers=list(initial_peers), listen=list(listen),
+                                   announce=list(announce), identity_path=identity_path)
+        return cls(transport, run_id, **swarm_options)
+
+    @property
+    def peer_id(self) -> str:
+        return self.transport.peer_id
+
+    def addrs(self) -> list[str]:
+        return self.transport.addrs()
+
+    def members(self) -> list[str]:
+        """Live members (self included), freshly read from the membership store."""
+        return self._call(self._refresh_members(), timeout=30)
+
+    def wait_for_members(self, count: int, timeout: float = 60.0) -> list[str]:
+        """Block until at least ``count`` members are live; raise TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            members = self.members()
+            if len(members) >= count:
+                return members
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(members)} of {count} peers joined within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _call(self, coro, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # --- lifecycle ---
+    async def _start(self) -> None:
+        await self.transport.start()
+        await self.transport.serve(messages.PROTOCOL_JOIN, self._on_join)
+        await self.transport.serve(messages.PROTOCOL_PART, self._on_part)
+        await self._publish()
+        await self._refresh_members()
+        self._refresher = asyncio.ensure_future(self._refresh_loop())
+
+    async def _publish(self) -> None:
+        record = msgpack.packb({"addrs": self.transport.addrs(), "time": time.time()})
+        await self.transport.put(f"{self.run_id}/members", self.peer_id, record, self.membership_ttl)
+
+    async def _refresh_members(self) -> list[str]:
+        records = await self.transport.get(f"{self.run_id}/members")
+        self._members = sorted(set(records) | {self.peer_id})
+        return list(self._members)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.membership_ttl / 3)
+            try:
+                await self._publish()
+                await self._refresh_members()
+            except Exception as e:  # keep refreshing through transient faults
+                log.warning("membership refresh failed: %s", e)
+            now = time.monotonic()
+            for k in [k for k, box in self._inboxes.items() if now - box.created > 600]:
+                del self._inboxes[k]
+            for k in [k for k, lobby in self._lobbies.items() if lobby.roster is not None and now - lobby.first > 600]:
+                del self._lobbies[k]
+
+    def close(self) -> None:
+        """Leave the swarm: stop the transport (and its daemon) and the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        _open_swarms.discard(self)
+        if self.loop.is_running():
+            try:
+                self._call(self._stop(), timeout=30)
+            except Exception as e:  # closing must not raise; report and go on
+                log.warning("error while stopping the transport: %s", e)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        self.loop.close()
+
+    async def _stop(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.transport.stop()
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the Averager protocol ---
+    def average(self, key: str, tensors: Sequence[torch.Tensor], *, round: int, group_size: int | None = None,
+                weight: float = 1.0, compressor: Compression = None) -> SwarmHandle:
+        """Start averaging ``tensors`` with the peers ready for ``(key, round)``."""
+        check_group_size(group_size)
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if self._closed:
+            raise RuntimeError("this swarm is closed")
+        tensors = [t.detach().clone() for t in tensors]
+        x = flatten(tensors)
+        p = compressor.compensate(key, x) if isinstance(compressor, ErrorFeedback) else x
+        codec = compressor.compressor if isinstance(compressor, ErrorFeedback) else (
+            compressor or get_compressor("none"))
+        timeout = self._timeout(codec, x.numel())
+        coro = self._average(key, round, tensors, x, p, float(weight), group_size, codec, compressor, timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return SwarmHandle(future, tensors, default_timeout=4 * timeout + self.window + 5)
+
+    def _timeout(self, codec: Compressor, numel: int) -> float:
+        """Seconds for one phase: fixed part plus 4x the transfer time of the whole payload."""
+        from lowcomm.compressors import wire_size
+
+        return self.base_timeout + 4 * wire_size(codec, numel) * 8 / self.bandwidth
+
+    async def _average(self, key, round, tensors, x, p, weight, group_size, codec, compression,
+                       timeout) -> AverageResult:
+        try:
+            roster = await self._matchmake(key, round, group_size or 0, weight, timeout)
+            if self.peer_id not in roster:
+                return AverageResult(tensors, False, [self.peer_id], reason="joined after the roster was closed")
+            groups = draw_groups(roster, group_seed(self.run_id, key, round), group_size)
+            group = next(g for g in groups if self.peer_id in g)
+            if len(group) == 1:
+                return AverageResult(tensors, True, [self.peer_id])
+            exchange = self._all_gather if codec.sparse else self._butterfly
+            result = await exchange(key, round, group, x, p, weight, codec, tensors, timeout)
+            if isinstance(compression, ErrorFeedback) and result.sent is not None:
+                compression.absorb(key, p, result.sent[0])
+            return result
+        except Exception as e:  # a round never raises into training: the caller keeps its tensors
+            log.warning("round %s/%s failed: %s: %s", key, round, type(e).__name__, e)
+            return AverageResult(tensors, False, [self.peer_id], reason=f"{type(e).__name__}: {e}")
+        finally:
+            self._inboxes.pop((key, round), None)
+
+    # --- matchmaking ---
+    async def _matchmake(self, key: str, round: int, group_size: int, weight: float, timeout: float) -> list[str]:
+        request = messages.pack("join", run=self.run_id, key=key, round=round, group_size=group_size, weight=weight)
+        for leader in list(self._members):
+            if leader == self.peer_id:
+                return await self._lead(self.peer_id, key, round, weight)
+            try:
+                reply = await self.transport.request(leader, messages.PROTOCOL_JOIN, request,
+                                                     timeout=self.window + timeout)
+                return messages.unpack("roster", reply)["roster"]
+            except (PeerUnreachable, asyncio.TimeoutError, WireFormatError) as e:
+                log.info("leader %s unreachable for %s/%s (%s); trying the next", leader, key, round, e)
+        return [self.peer_id]
+
+    async def _lead(self, peer: str, key: str, round: int, weight: float) -> list[str]:
+        lobby = self._lobbies.setdefault((key, round), _Lobby())
+        if lobby.roster is not None:
+            return lobby.roster
+        if not lobby.joined:
+            lobby.first = time.monotonic()
+            asyncio.ensure_future(self._close_lobby_later(key, round, lobby))
+        lobby.joined[peer] = weight
+        if set(self._members) <= set(lobby.joined):
+            self._close_lobby(lobby)
+        await lobby.done.wait()
+        return lobby.roster
+
+    async def _close_lobby_later(self, key: str, round: int, lobby: _Lobby) -> None:
+        await asyncio.sleep(self.window)
+        if lobby.roster is None:
+            log.info("round %s/%s closes without %s", key, round,
+                     sorted(set(self._members) - set(lobby.joined)))
+            self._close_lobby(lobby)
+
+    @staticmethod
+    def _close_lobby(lobby: _Lobby) -> None:
+        lobby.roster = sorted(lobby.joined)
+        lobby.done.set()
+
+    async def _on_join(self, sender: str, data: bytes) -> bytes:
+        msg = messages.unpack("join", data)
+        if msg["run"] != self.run_id:
+            return messages.pack("roster", roster=[], reason=f"this node is in run {self.run_id!r}")
+        roster = await self._lead(sender, msg["key"], msg["round"], msg["weight"])
+        return messages.pack("roster", roster=roster, reason="")
+
+    # --- exchange ---
+    async def _on_part(self, sender: str, data: bytes) -> bytes:
+        msg = messages.unpack("part", data)
+        if msg["run"] != self.run_id:
+            raise PeerUnreachable("wrong run")
+        box = self._inboxes.setdefault((msg["key"], msg["round"]), _Inbox(time.monotonic()))
+        msg["size"] = len(data)
+        box.items[(msg["phase"], msg["shard"], sender)] = msg
+        box.changed.set()
+        return b"ok"
+
+    async def _send(self, peer: str, key: str, round: int, phase: str, shard: int, weight: float,
+                    contributors: list[str], blob: bytes, timeout: float) -> int:
+        """Send one part; returns the bytes sent (0 if the peer could not be reached)."""
+        data = messages.pack("part", run=self.run_id, key=key, round=round, phase=phase, shard=shard,
+                             weight=weight, contributors=contributors, blob=blob)
+        try:
+            await self.transport.request(peer, messages.PROTOCOL_PART, data, timeout=timeout)
+            return len(data)
+        except (PeerUnreachable, asyncio.TimeoutError) as e:
+            log.info("could not send %s/%s %s shard %d to %s: %s", key, round, phase, shard, peer, e)
+            return 0
+
+    async def _collect(self, key: str, round: int, wanted: set[tuple[str, int, str]], deadline: float) -> dict:
+        """Wait until every wanted (phase, shard, sender) arrived or the deadline passed."""
+        box = self._inboxes.setdefault((key, round), _Inbox(time.monotonic()))
+        while not wanted <= set(box.items):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            box.changed.clear()
+            try:
+                await asyncio.wait_for(box.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return {k: box.items[k] for k in wanted if k in box.items}
+
+    @staticmethod
+    def _decode(msg: dict, numel: int, sender: str) -> torch.Tensor | None:
+        try:
+            payload = decode(msg["blob"])
+            if payload.numel != numel:
+                raise WireFormatError(f"payload has {payload.numel} values, expected {numel}")
+            from lowcomm.compressors import decompress
+
+            return decompress(payload).to(torch.float32).reshape(-1)
+        except WireFormatError as e:
+            log.warning("dropping %s's %s payload: %s", sender, msg["phase"], e)
+            return None
+
+    async def _run(self, fn, *args):
+        return await self.loop.run_in_executor(None, fn, *args)
+
+    async def _butterfly(self, key, round, group, x, p, weight, codec, tensors, timeout) -> AverageResult:
+        me, n = group.index(self.peer_id), len(group)
+        bounds = shard_bounds(x.numel(), n)
+
+        def compress_all():
+            payloads = [codec.compress(p[lo:hi]) for lo, hi in bounds]
+            return [encode(pl) for pl in payloads], [codec.decompress(pl).float() for pl in payloads]
+
+        blobs, mine = await self._run(compress_all)
+        start = time.monotonic()
+        sent = await asyncio.gather(*(self._send(group[j], key, round, "part", j, weight, [], blobs[j], timeout)
+                                      for j in range(n) if j != me))
+        bytes_sent = sum(sent)
+        lo, hi = bounds[me]
+        got = await self._collect(key, round, {("part", me, g) for g in group if g != self.peer_id},
+                                  start + timeout)
+        received = sum(m["size"] for m in got.values())
+        parts = {self.peer_id: (weight, mine[me])}
+        for (_, _, sender), msg in got.items():
+            value = self._decode(msg, hi - lo, sender)
+            if value is not None and msg["weight"] > 0:
+                parts[sender] = (msg["weight"], value)
+        contributors = sorted(parts)
+
+        def reduce():
+            total = sum(w for w, _ in parts.values())
+            acc = torch.zeros(hi - lo)
+            for w, v in parts.values():
+                acc.add_(v, alpha=w / total)
+            reducer = type(codec)(**codec.options())
+            payload = reducer.compress(acc)
+            return encode(payload), reducer.decompress(payload).float()
+
+        mean_blob, mean = await self._run(reduce)
+        sent2 = await asyncio.gather(*(self._send(g, key, round, "mean", me, weight, contributors, mean_blob,
+                                                  timeout) for g in group if g != self.peer_id))
+        bytes_sent += sum(sent2)
+        means = await self._collect(key, round, {("mean", j, group[j]) for j in range(n) if j != me},
+                                    start + 2 * timeout)
+        received += sum(m["size"] for m in means.values())
+        out = x.clone()
+        averaged = [False] * n
+        out[lo:hi], averaged[me] = mean, len(parts) > 1
+        who = set(contributors) if len(parts) > 1 else set()
+
+        def apply(j: int, msg: dict, sender: str) -> None:
+            nonlocal who
+            a, b = bounds[j]
+            value = self._decode(msg, b - a, sender)
+            if value is not None:
+                out[a:b] = value
+                averaged[j] = len(msg["contributors"]) > 1
+                who |= set(msg["contributors"]) if averaged[j] else set()
+
+        for (_, j, sender), msg in means.items():
+            apply(j, msg, sender)
+        # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
+        missing = [j for j in range(n) if j != me and not averaged[j]]
+        mine_to_back = [j for j in missing if (j + 1) % n != me]
+        sends = [self._send(group[(j + 1) % n], key, round, "bpart", j, weight, [], blobs[j], timeout)
+                 for j in mine_to_back]
+        for j in [j for j in missing if (j + 1) % n == me]:
+            sends.append(self._back_up(key, round, j, group, bounds, parts, weight, mine[j], codec, start, timeout))
+        if sends:
+            results = await asyncio.gather(*sends)
+            bytes_sent += sum(r if isinstance(r, int) else r[0] for r in results)
+            received += sum(0 if isinstance(r, int) else r[1] for r in results)
+            for r in results:
+                if not isinstance(r, int) and r[2] is not None:
+                    j, msg = r[2]
+                    apply(j, msg, self.peer_id)
+            backups = await self._collect(key, round, {("bmean", j, group[(j + 1) % n]) for j in mine_to_back},
+                                          start + 3 * timeout)
+            received += sum(m["size"] for m in backups.values())
+            for (_, j, sender), msg in backups.items():
+                apply(j, msg, sender)
+        return AverageResult(unflatten(out, tensors), any(averaged), sorted(who | {self.peer_id}),
+                             bytes_sent=bytes_sent, bytes_received=received, sent=[torch.cat(mine)],
+                             shards_averaged=averaged,
+                             reason="" if all(averaged) else "some shards kept local values")
+
+    async def _back_up(self, key, round, j, group, bounds, alive, weight, own, codec, start, timeout):
+        """Reduce shard j for a failed reducer: from this member's own part and the
+        parts of the members whose part of this member's own shard arrived.
+        Returns (bytes sent, bytes received, (j, mean message) or None)."""
+        a, b = bounds[j]
+        expected = {("bpart", j, g) for g in alive if g not in (self.peer_id, group[j])}
+        got = await self._collect(key, round, expected, start + 3 * timeout)
+        parts = {self.peer_id: (weight, own)}
+        for (_, _, sender), msg in got.items():
+            value = self._decode(msg, b - a, sender)
+            if value is not None and msg["weight"] > 0:
+                parts[sender] = (msg["weight"], value)
+        total = sum(w for w, _ in parts.values())
+        acc = torch.zeros(b - a)
+        for w, v in parts.values():
+            acc.add_(v, alpha=w / total)
+        reducer = type(codec)(**codec.options())
+        blob = encode(reducer.compress(acc))
+        contributors = sorted(parts)
+        sent = await asyncio.gather(*(self._send(g, key, round, "bmean", j, weight, contributors, blob, timeout)
+                                      for g in parts if g != self.peer_id))
+        own_msg = {"blob": blob, "contributors": contributors, "phase": "bmean"}
+        return sum(sent), sum(m["size"] for m in got.values()), (j, own_msg)
+
+    async def _all_gather(self, key, round, group, x, p, weight, codec, tensors, timeout) -> AverageResult:
+        def compress_one():
+            payload = codec.compress(p)
+            return encode(payload), codec.decompress(payload).float().reshape(-1)
+
+        blob, mine = await self._run(compress_one)
+        start = time.monotonic()
+        sent = await asyncio.gather(*(self._send(g, key, round, "full", 0, weight, [], blob, timeout)
+                                      for g in group if g != self.peer_id))
+        got = await self._collect(key, round, {("full", 0, g) for g in group if g != self.peer_id},
+                                  start + timeout)
+        parts = {self.peer_id: (weight, mine)}
+        for (_, _, sender), msg in got.items():
+            value = self._decode(msg, x.numel(), sender)
+            if value is not None and msg["weight"] > 0:
+                parts[sender] = (msg["weight"], value)
+        total = sum(w for w, _ in parts.values())
+        out = torch.zeros_like(mine)
+        for w, v in parts.values():
+            out.add_(v, alpha=w / total)
+        return AverageResult(unflatten(out, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
+                             bytes_received=sum(m["size"] for m in got.values()), sent=[mine])
+
+
+_open_swarms: weakref.WeakSet[Swarm] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for swarm in list(_open_swarms):
+        swarm.close()

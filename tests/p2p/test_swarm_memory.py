@@ -1,0 +1,157 @@
+"""The swarm protocol over MemoryTransport: exact means, pairs, crashes, corruption, late joiners."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+import pytest
+import torch
+
+from lowcomm.compressors import get_compressor
+from lowcomm.p2p import MemoryNetwork, Swarm
+
+FAST = dict(window=1.0, base_timeout=2.0, membership_ttl=30.0)
+
+
+@pytest.fixture
+def swarms():
+    made = []
+
+    def make(n, net=None, names=None, **kw):
+        net = net or MemoryNetwork()
+        new = [Swarm(net.transport(names[i] if names else f"peer{i:02d}"), "test", **{**FAST, **kw})
+               for i in range(n)]
+        made.extend(new)
+        for s in new:
+            s.members()  # refresh everyone's view
+        return net, new
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def values(n, numel=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(numel, generator=g) for _ in range(n)]
+
+
+def run_round(swarms, tensors, round=0, **kw):
+    handles = [s.average("k", [t], round=round, **kw) for s, t in zip(swarms, tensors)]
+    return [h.result() for h in handles]
+
+
+def test_eight_peers_get_the_exact_fp32_mean(swarms):
+    _, nodes = swarms(8)
+    for s in nodes:
+        assert len(s.members()) == 8
+    xs = values(8)
+    want = torch.stack(xs).double().mean(0)
+    for r in run_round(nodes, xs):
+        assert r.averaged and r.group_size == 8 and all(r.shards_averaged)
+        assert torch.allclose(r.tensors[0].double(), want, atol=1e-6, rtol=0)
+    # identical on every peer, bit for bit
+    results = run_round(nodes, xs, round=1)
+    assert all(torch.equal(r.tensors[0], results[0].tensors[0]) for r in results)
+
+
+@pytest.mark.parametrize("n", [8, 7])
+def test_pairs_are_disjoint_and_cover_every_peer(swarms, n):
+    _, nodes = swarms(n)
+    xs = [torch.full((10,), float(i)) for i in range(n)]
+    results = run_round(nodes, xs, group_size=2)
+    groups = {tuple(r.participants) for r in results}
+    members = sorted(p for g in groups for p in g)
+    assert members == sorted(s.peer_id for s in nodes)  # disjoint and covering
+    assert sorted(len(g) for g in groups) == ([2] * 4 if n == 8 else [2, 2, 3])  # odd: one group of 3
+    ids = [s.peer_id for s in nodes]
+    for r in results:
+        want = sum(ids.index(p) for p in r.participants) / len(r.participants)
+        assert torch.allclose(r.tensors[0], torch.full((10,), want))
+
+
+def test_a_peer_killed_mid_round_leaves_the_mean_of_the_rest(swarms):
+    net, nodes = swarms(8)
+    victim = nodes[7]
+    net.crash(victim.peer_id, after=1)  # it sends its JOIN, then dies before any part
+    xs = values(8, seed=1)
+    want = torch.stack(xs[:7]).double().mean(0)
+    results = run_round(nodes, xs)
+    for r in results[:7]:
+        assert r.averaged and all(r.shards_averaged)  # the dead reducer's shard was taken over
+        assert torch.allclose(r.tensors[0].double(), want, atol=1e-6, rtol=0)
+        assert victim.peer_id not in r.participants
+    assert not results[7].averaged  # the dead peer got nothing back
+
+
+def _corrupt_blobs(data: bytes) -> bytes:
+    msg = msgpack.unpackb(data, raw=False)
+    if msg.get("kind") == "part":
+        blob = bytearray(msg["blob"])
+        blob[len(blob) // 2:] = b"\xff" * (len(blob) - len(blob) // 2)
+        msg["blob"] = bytes(blob)
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def test_a_peer_sending_garbage_is_excluded(swarms):
+    net, nodes = swarms(8)
+    liar = nodes[3]
+    net.corrupt(liar.peer_id, _corrupt_blobs)
+    xs = values(8, seed=2)
+    honest = [x for i, x in enumerate(xs) if i != 3]
+    want = torch.stack(honest).double().mean(0)
+    results = run_round(nodes, xs)
+    for i, r in enumerate(results):
+        if i == 3:
+            continue
+        assert liar.peer_id not in r.participants
+        assert torch.allclose(r.tensors[0].double(), want, atol=1e-6, rtol=0)
+
+
+def test_a_late_joiner_takes_part_from_the_next_round(swarms):
+    net, nodes = swarms(4)
+    xs = values(5, seed=3)
+    handles = [s.average("k", [t], round=0) for s, t in zip(nodes, xs[:4])]
+    first = [h.result() for h in handles]
+    assert all(r.group_size == 4 for r in first)
+    _, (late,) = swarms(1, net=net, names=["peer99"])
+    assert late.members() and len(late.members()) == 5
+    for s in nodes:
+        s.members()
+    # round 0 is over: the newcomer is told so and keeps its tensors
+    r_late = late.average("k", [xs[4]], round=0).result()
+    assert not r_late.averaged and "roster" in r_late.reason
+    second = run_round(nodes + [late], xs, round=1)
+    want = torch.stack(xs).double().mean(0)
+    for r in second:
+        assert r.group_size == 5 and torch.allclose(r.tensors[0].double(), want, atol=1e-6, rtol=0)
+
+
+def test_int8_and_topk_on_the_wire(swarms):
+    _, nodes = swarms(4)
+    xs = values(4, numel=4096, seed=4)
+    want = torch.stack(xs).mean(0)
+    codec = get_compressor("int8", block_size=256)
+    for r in run_round(nodes, xs, compressor=codec):
+        # each contribution and the mean are int8-rounded: two roundings of at most absmax/254
+        assert (r.tensors[0] - want).abs().max() <= 2 * max(x.abs().max() for x in xs) / 254
+        assert r.bytes_sent < 4096 * 2 * 1.1  # about 2 (n-1)/n bytes per value each way at 8 bits
+    topk = get_compressor("topk", density=0.1, chunk_size=256, values="fp32")
+    results = run_round(nodes, xs, round=1, compressor=topk)
+    sparse_mean = torch.stack([topk.decompress(topk.compress(x)) for x in xs]).mean(0)
+    for r in results:
+        assert torch.allclose(r.tensors[0], sparse_mean, atol=1e-6)
+
+
+def test_rounds_run_in_the_background():
+    net = MemoryNetwork()
+    a, b = (Swarm(net.transport(f"bg{i}"), "test", **FAST) for i in range(2))
+    try:
+        a.members(), b.members()
+        ha = a.average("k", [torch.ones(3)], round=0)
+        assert not ha.done()  # b has not joined: a's call returned at once
+        hb = b.average("k", [torch.zeros(3)], round=0)
+        assert torch.equal(ha.result().tensors[0], torch.full((3,), 0.5))
+        assert torch.equal(hb.result().tensors[0], torch.full((3,), 0.5))
+    finally:
+        a.close()
+        b.close()
