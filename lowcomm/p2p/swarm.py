@@ -118,6 +118,7 @@ class Swarm:
         self._lobbies: dict[tuple[str, int], _Lobby] = {}
         self._inboxes: dict[tuple[str, int], _Inbox] = {}
         self._closed = False
+        self._tasks: set[asyncio.Task] = set()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"lowcomm-swarm-{run_id}", daemon=True)
         self._thread.start()
@@ -177,7 +178,21 @@ class Swarm:
         await self.transport.serve(messages.PROTOCOL_PART, self._on_part)
         await self._publish()
         await self._refresh_members()
-        self._refresher = asyncio.ensure_future(self._refresh_loop())
+        self._spawn(self._refresh_loop())
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """A task of this swarm's, cancelled on close."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _tracked(self, coro):
+        self._tasks.add(asyncio.current_task())
+        try:
+            return await coro
+        finally:
+            self._tasks.discard(asyncio.current_task())
 
     async def _publish(self) -> None:
         record = msgpack.packb({"addrs": self.transport.addrs(), "time": time.time()})
@@ -218,11 +233,15 @@ class Swarm:
         self.loop.close()
 
     async def _stop(self) -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.transport.stop()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:  # what the transport's libraries left running
+            t.cancel()
+        await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 5)
 
     def __enter__(self) -> Swarm:
         return self
@@ -246,7 +265,7 @@ class Swarm:
             compressor or get_compressor("none"))
         timeout = self._timeout(codec, x.numel())
         coro = self._average(key, round, tensors, x, p, float(weight), group_size, codec, compressor, timeout)
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
         return SwarmHandle(future, tensors, default_timeout=4 * timeout + self.window + 5)
 
     def _timeout(self, codec: Compressor, numel: int) -> float:
@@ -296,7 +315,7 @@ class Swarm:
             return lobby.roster
         if not lobby.joined:
             lobby.first = time.monotonic()
-            asyncio.ensure_future(self._close_lobby_later(key, round, lobby))
+            self._spawn(self._close_lobby_later(key, round, lobby))
         lobby.joined[peer] = weight
         if set(self._members) <= set(lobby.joined):
             self._close_lobby(lobby)

@@ -1,0 +1,127 @@
+"""`HivemindTransport`: go-libp2p (hivemind's ``p2pd`` daemon) and hivemind's DHT.
+
+One ``p2pd`` process per node, started by `hivemind.p2p.P2P` and stopped
+with the transport. Membership records live in a `hivemind.dht.DHTNode` run
+on the swarm's own event loop (no forked DHT process). Requests are binary
+streams: an 8-byte big-endian length, then the bytes, each way.
+
+Imported only when the hivemind backend is chosen: it cannot share a process
+with py-libp2p.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.timed_storage import get_dht_time
+
+from lowcomm.compressors import MAX_BLOB_BYTES
+from lowcomm.p2p.transport import Handler, PeerUnreachable, TransportError
+
+log = logging.getLogger("lowcomm.p2p.hivemind")
+_LEN = 8
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    size = int.from_bytes(await reader.readexactly(_LEN), "big")
+    if size > MAX_BLOB_BYTES + (1 << 20):
+        raise PeerUnreachable(f"message of {size} bytes is over the limit")
+    return await reader.readexactly(size)
+
+
+def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(len(data).to_bytes(_LEN, "big"))
+    writer.write(data)  # two writes: no copy of a large payload
+
+
+class HivemindTransport:
+    """A node on go-libp2p with a hivemind DHT (see the module docstring).
+
+    ``listen``: multiaddrs to listen on (default loopback, a free port);
+    ``announce``: multiaddrs to tell others; ``identity_path``: a libp2p private
+    key file, created if missing, so the peer id survives restarts.
+    """
+
+    def __init__(self, *, initial_peers: list[str] = (), listen: list[str] = ("/ip4/127.0.0.1/tcp/0",),
+                 announce: list[str] = (), identity_path: str | None = None):
+        self.initial_peers = list(initial_peers)
+        self.listen, self.announce, self.identity_path = list(listen), list(announce), identity_path
+        self.p2p: P2P | None = None
+        self.dht: DHTNode | None = None
+        self.peer_id = ""
+        self._addrs: list[str] = []
+
+    async def start(self) -> None:
+        try:
+            self.p2p = await P2P.create(initial_peers=self.initial_peers or None, host_maddrs=self.listen,
+                                        announce_maddrs=self.announce or None, identity_path=self.identity_path)
+        except P2PDaemonError as e:
+            raise TransportError(f"could not start the p2p daemon: {e}") from None
+        self.peer_id = str(self.p2p.peer_id)
+        self._addrs = [str(a) for a in await self.p2p.get_visible_maddrs()]
+        try:
+            self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers or None,
+                                            cache_locally=False, cache_on_store=False)
+        except BaseException:
+            await self.p2p.shutdown()
+            raise
+
+    async def stop(self) -> None:
+        if self.dht is not None:
+            await self.dht.shutdown()
+            self.dht = None
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+            self.p2p = None
+
+    def addrs(self) -> list[str]:
+        return list(self._addrs)
+
+    async def serve(self, protocol: str, handler: Handler) -> None:
+        async def on_stream(ctx, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                request = await _read_frame(reader)
+                response = await handler(str(ctx.peer_id), request)
+                _write_frame(writer, response)
+                await writer.drain()
+            except Exception as e:  # a bad request is that peer's problem: close its stream
+                log.info("request on %s from %s failed: %s: %s", protocol, ctx.peer_id, type(e).__name__, e)
+            finally:
+                writer.close()
+
+        await self.p2p.add_binary_stream_handler(protocol, on_stream)
+
+    async def request(self, peer: str, protocol: str, data: bytes, timeout: float) -> bytes:
+        if self.p2p is None:
+            raise TransportError("transport not started")
+
+        async def exchange() -> bytes:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
+            try:
+                _write_frame(writer, data)
+                await writer.drain()
+                return await _read_frame(reader)
+            finally:
+                writer.close()
+
+        try:
+            return await asyncio.wait_for(exchange(), timeout)
+        except asyncio.TimeoutError:
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, P2PDaemonError, ValueError) as e:
+            raise PeerUnreachable(f"{peer}: {type(e).__name__}: {e}") from None
+
+    async def put(self, key: str, subkey: str, value: bytes, ttl: float) -> None:
+        await self.dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey)
+
+    async def get(self, key: str) -> dict[str, bytes]:
+        found = await self.dht.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        now = get_dht_time()
+        return {str(k): v.value for k, v in found.value.items()
+                if v.expiration_time > now and isinstance(v.value, bytes)}

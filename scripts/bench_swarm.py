@@ -1,0 +1,148 @@
+"""Swarm averaging throughput over real daemons on loopback.
+
+    python scripts/bench_swarm.py                    # 4 peers, 25M floats each, hivemind
+    python scripts/bench_swarm.py --numel 5000000 --rounds 2
+
+Starts one process per peer. Each round averages ``numel`` fp32 values per
+peer with `none`, `int8`, `fp4` and `sign`. Two references are measured in
+the same run over raw streams of the same transport (length-prefixed bytes,
+no swarm protocol): peer 0 alone sending 4 * numel bytes to peer 1, and every
+peer at once sending 1.5 * 4 * numel bytes split over the others (the bytes a
+4-peer butterfly of fp32 moves). Prints seconds per round, the bytes each
+peer sent, goodput (those bytes per second), goodput as a ratio to each
+reference, and fp32 values averaged per second. On loopback every peer shares
+the same cores, so the concurrent reference is the fair one for the protocol's
+overhead; the single stream shows what one link carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CODECS = ("none", "int8", "fp4", "sign")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def node(args) -> None:
+    from lowcomm.compressors import get_compressor
+    from lowcomm.p2p import Swarm
+
+    swarm = Swarm.join(args.peers, run_id="bench", backend=args.backend, window=30.0)
+    try:
+        if args.rank == 0:
+            print(json.dumps({"addrs": swarm.addrs()}), flush=True)
+        swarm.wait_for_members(args.count, timeout=120)
+        members = sorted(swarm.members())
+        blob = bytes(4 * args.numel)
+
+        async def serve_raw():
+            async def sink(sender, data):
+                return b"ok"
+            await swarm.transport.serve("/lowcomm-bench/raw/1", sink)
+
+        swarm._call(serve_raw(), 30)
+        # everyone is serving before anyone measures: a round of averaging as a barrier
+        swarm.average("barrier", [torch.zeros(1)], round=0).result()
+        if args.rank == 0:
+            target = next(m for m in members if m != swarm.peer_id)
+            times = []
+            for _ in range(args.rounds):
+                t0 = time.perf_counter()
+                swarm._call(swarm.transport.request(target, "/lowcomm-bench/raw/1", blob, timeout=600), 700)
+                times.append(time.perf_counter() - t0)
+            print(json.dumps({"raw_s": min(times), "raw_bytes": len(blob)}), flush=True)
+        swarm.average("barrier", [torch.zeros(1)], round=1).result()
+        share = bytes(int(4 * args.numel * 2 * (args.count - 1) / args.count) // (args.count - 1))
+
+        async def all_to_all():
+            others = [m for m in members if m != swarm.peer_id]
+            await asyncio.gather(*(swarm.transport.request(m, "/lowcomm-bench/raw/1", share, timeout=600)
+                                   for m in others))
+
+        times = []
+        for r in range(args.rounds):
+            swarm.average("barrier", [torch.zeros(1)], round=2 + r).result()
+            t0 = time.perf_counter()
+            swarm._call(all_to_all(), 700)
+            times.append(time.perf_counter() - t0)
+        if args.rank == 0:
+            print(json.dumps({"concurrent_s": min(times), "concurrent_bytes": len(share) * (args.count - 1)}),
+                  flush=True)
+        swarm.average("barrier", [torch.zeros(1)], round=99).result()
+        x = torch.randn(args.numel, generator=torch.Generator().manual_seed(args.rank))
+        for codec in CODECS:
+            best = None
+            for r in range(args.rounds):
+                t0 = time.perf_counter()
+                res = swarm.average(f"bench-{codec}", [x], round=r, compressor=get_compressor(codec)).result()
+                dt = time.perf_counter() - t0
+                if best is None or dt < best[0]:
+                    best = (dt, res.bytes_sent, res.averaged, res.group_size)
+            print(json.dumps({"codec": codec, "seconds": best[0], "bytes_sent": best[1], "averaged": best[2],
+                              "group": best[3]}), flush=True)
+    finally:
+        swarm.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="hivemind", choices=("hivemind", "libp2p"))
+    ap.add_argument("--peers-count", dest="count", type=int, default=4)
+    ap.add_argument("--numel", type=int, default=25_000_000)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per codec, best kept [2]")
+    ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rank is not None:
+        return node(args)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, __file__, "--backend", args.backend, "--peers-count", str(args.count),
+            "--numel", str(args.numel), "--rounds", str(args.rounds)]
+    procs = [subprocess.Popen([*base, "--rank", "0"], stdout=subprocess.PIPE, text=True, env=env)]
+    try:
+        addrs = json.loads(procs[0].stdout.readline())["addrs"]
+        procs += [subprocess.Popen([*base, "--rank", str(r), "--peers", *addrs], stdout=subprocess.PIPE, text=True,
+                                   env=env, stderr=subprocess.DEVNULL) for r in range(1, args.count)]
+        lines = [json.loads(line) for line in procs[0].communicate(timeout=3600)[0].splitlines() if line]
+        for p in procs[1:]:
+            p.communicate(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    raw = next(rec for rec in lines if "raw_s" in rec)
+    raw_rate = raw["raw_bytes"] / raw["raw_s"]
+    conc = next(rec for rec in lines if "concurrent_s" in rec)
+    conc_rate = conc["concurrent_bytes"] / conc["concurrent_s"]
+    print(f"# {datetime.date.today()} · {platform.machine()} · {os.cpu_count()} cores · backend {args.backend} · "
+          f"{args.count} peers on loopback · {args.numel:,} fp32 values per peer · best of {args.rounds}")
+    print(f"raw stream, peer 0 -> peer 1: {raw['raw_bytes'] / 1e6:.1f} MB in {raw['raw_s']:.3f} s = "
+          f"{raw_rate / 1e6:.1f} MB/s")
+    print(f"raw streams, all peers at once: {conc['concurrent_bytes'] / 1e6:.1f} MB sent per peer in "
+          f"{conc['concurrent_s']:.3f} s = {conc_rate / 1e6:.1f} MB/s per peer")
+    print("| codec | s / round | MB sent / peer | goodput MB/s | / single stream | / concurrent streams "
+          "| values averaged / s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for rec in lines:
+        if "codec" not in rec:
+            continue
+        rate = rec["bytes_sent"] / rec["seconds"]
+        print(f"| {rec['codec']} | {rec['seconds']:.3f} | {rec['bytes_sent'] / 1e6:.1f} | {rate / 1e6:.1f} | "
+              f"{rate / raw_rate:.2f} | {rate / conc_rate:.2f} | {args.numel / rec['seconds'] / 1e6:.1f}M |"
+              + ("" if rec["averaged"] and rec["group"] == args.count else " (not all averaged)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""A swarm node for the real-backend tests, run as a subprocess:
+
+    python -m tests.p2p.node --backend hivemind --rank 0 --count 4 --job average
+    python -m tests.p2p.node --backend hivemind --rank 1 --count 4 --job average --peers MULTIADDR
+
+Rank 0 prints {"addrs": [...]} first; every node then prints one JSON line
+per check and exits 0. Jobs: ``average`` (exact mean with none, int8, pairs)
+and ``diloco`` (DiLoCo training of a small model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+
+import torch
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def contribution(rank: int, numel: int) -> torch.Tensor:
+    return torch.randn(numel, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def job_average(swarm, args) -> None:
+    from lowcomm.compressors import get_compressor
+
+    numel = args.numel
+    mine = contribution(args.rank, numel)
+    everyone = torch.stack([contribution(r, numel) for r in range(args.count)])
+    want = everyone.double().mean(0)
+    absmax = everyone.abs().max().item()
+    for round_, codec in enumerate((None, get_compressor("int8"))):
+        r = swarm.average("avg", [mine], round=round_, compressor=codec).result()
+        emit(check="mean", codec=codec.name if codec else "none", averaged=r.averaged,
+             participants=len(r.participants), max_err=(r.tensors[0].double() - want).abs().max().item(),
+             absmax=absmax, digest=digest(r.tensors), bytes_sent=r.bytes_sent)
+    r = swarm.average("pairs", [mine], round=0, group_size=2).result()
+    emit(check="pairs", me=swarm.peer_id, participants=sorted(r.participants), averaged=r.averaged,
+         digest=digest(r.tensors))
+
+
+def job_diloco(swarm, args) -> None:
+    from lowcomm.optimizers import DiLoCo
+    from tests.sim.tinytask import task
+
+    t = task()
+    model = t.make_model(0)
+    opt = DiLoCo(model.parameters(), t.make_inner(model, 1e-2), swarm, sync_every=10)
+    before = t.evaluate(model)
+    data = t.batches(args.rank, args.count, 0)
+    for _ in range(30):
+        t.loss(model, next(data)).backward()
+        opt.step()
+        opt.zero_grad()
+    emit(check="diloco", before=before, after=t.evaluate(model), rounds=opt.stats.outer_rounds,
+         group=opt.stats.last_group_size, not_averaged=opt.stats.rounds_not_averaged,
+         phi=digest([p for frag in opt.phi for p in frag]), theta=digest(list(model.parameters())))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="hivemind")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--job", choices=("average", "diloco"), required=True)
+    ap.add_argument("--peers", nargs="*", default=[])
+    ap.add_argument("--numel", type=int, default=1 << 20)
+    args = ap.parse_args()
+    from lowcomm.p2p import Swarm
+
+    swarm = Swarm.join(args.peers, run_id=f"test-{args.job}", backend=args.backend, window=10.0)
+    try:
+        if args.rank == 0:
+            emit(addrs=swarm.addrs())
+        swarm.wait_for_members(args.count, timeout=60)
+        {"average": job_average, "diloco": job_diloco}[args.job](swarm, args)
+    finally:
+        swarm.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

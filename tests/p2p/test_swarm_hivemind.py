@@ -1,0 +1,72 @@
+"""The swarm over real hivemind daemons on loopback, each node its own process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def p2pd_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def run_nodes(job: str, count: int, backend: str = "hivemind", extra=(), timeout: float = 150) -> list[list[dict]]:
+    """Start ``count`` nodes (rank 0 first, the rest joining it); return each node's JSON lines."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tests.p2p.node", "--backend", backend, "--count", str(count), "--job", job,
+           *extra]
+    before = p2pd_pids()
+    procs = [subprocess.Popen([*cmd, "--rank", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=env)]
+    try:
+        first = json.loads(procs[0].stdout.readline())
+        procs += [subprocess.Popen([*cmd, "--rank", str(r), "--peers", *first["addrs"]], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for r in range(1, count)]
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert p2pd_pids() <= before, "a p2pd daemon outlived its node"
+    return [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
+
+
+def test_four_peers_average_exactly_with_none_and_within_bound_with_int8_and_pair_up():
+    lines = run_nodes("average", 4)
+    by_check = {}
+    for node in lines:
+        for rec in node:
+            by_check.setdefault((rec.get("check"), rec.get("codec")), []).append(rec)
+    exact = by_check[("mean", "none")]
+    assert len(exact) == 4 and all(r["averaged"] and r["participants"] == 4 for r in exact)
+    assert all(r["max_err"] <= 1e-6 for r in exact)
+    assert len({r["digest"] for r in exact}) == 1
+    int8 = by_check[("mean", "int8")]
+    assert all(r["max_err"] <= 2 * r["absmax"] / 254 for r in int8)  # two int8 roundings (contribution, mean)
+    assert len({r["digest"] for r in int8}) == 1
+    assert all(r["bytes_sent"] < exact[0]["bytes_sent"] / 3 for r in int8)
+    pairs = by_check[("pairs", None)]
+    groups = {tuple(r["participants"]) for r in pairs}
+    assert len(groups) == 2 and all(len(g) == 2 for g in groups)
+    assert sorted(p for g in groups for p in g) == sorted(r["me"] for r in pairs)
+    for g in groups:
+        assert len({r["digest"] for r in pairs if r["me"] in g}) == 1
+
+
+def test_diloco_with_three_peers_trains_and_agrees():
+    lines = run_nodes("diloco", 3)
+    recs = [node[-1] for node in lines]
+    assert all(r["check"] == "diloco" and r["rounds"] == 3 and r["group"] == 3 for r in recs)
+    assert all(r["not_averaged"] == 0 for r in recs)
+    assert all(r["after"] < r["before"] for r in recs)
+    assert len({r["phi"] for r in recs}) == 1  # identical global weights after a round where all took part
+    assert len({r["theta"] for r in recs}) == 1
