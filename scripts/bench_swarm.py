@@ -38,6 +38,10 @@ def node(args) -> None:
     from lowcomm.compressors import get_compressor
     from lowcomm.p2p import Swarm
 
+    import logging
+    if args.rank == 0 and args.verbose:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
     swarm = Swarm.join(args.peers, run_id="bench", backend=args.backend, window=30.0)
     try:
         if args.rank == 0:
@@ -87,6 +91,8 @@ def node(args) -> None:
                 t0 = time.perf_counter()
                 res = swarm.average(f"bench-{codec}", [x], round=r, compressor=get_compressor(codec)).result()
                 dt = time.perf_counter() - t0
+                if args.verbose:
+                    print(f"round {codec}/{r}: {dt:.3f} s", file=sys.stderr)
                 if best is None or dt < best[0]:
                     best = (dt, res.bytes_sent, res.averaged, res.group_size)
             print(json.dumps({"codec": codec, "seconds": best[0], "bytes_sent": best[1], "averaged": best[2],
@@ -101,6 +107,7 @@ def main() -> None:
     ap.add_argument("--peers-count", dest="count", type=int, default=4)
     ap.add_argument("--numel", type=int, default=25_000_000)
     ap.add_argument("--rounds", type=int, default=2, help="rounds per codec, best kept [2]")
+    ap.add_argument("--verbose", action="store_true", help="peer 0 logs each phase of each round to stderr")
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -109,8 +116,8 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, __file__, "--backend", args.backend, "--peers-count", str(args.count),
-            "--numel", str(args.numel), "--rounds", str(args.rounds)]
-    procs = [subprocess.Popen([*base, "--rank", "0"], stdout=subprocess.PIPE, text=True, env=env)]
+            "--numel", str(args.numel), "--rounds", str(args.rounds)] + (["--verbose"] if args.verbose else [])
+    procs = [subprocess.Popen([*base, "--rank", "0"], stdout=subprocess.PIPE, text=True, env=env)]  # stderr shown
     try:
         addrs = json.loads(procs[0].stdout.readline())["addrs"]
         procs += [subprocess.Popen([*base, "--rank", str(r), "--peers", *addrs], stdout=subprocess.PIPE, text=True,

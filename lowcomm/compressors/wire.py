@@ -16,6 +16,7 @@ content checks (finite values, indices in range). Any violation raises
 from __future__ import annotations
 
 import sys
+import warnings
 from math import prod
 
 import msgpack
@@ -38,24 +39,29 @@ _KEYS = {"v", "codec", "opts", "dtype", "shape", "bufs"}
 _NUMPY_LE = {"uint8": "u1", "int8": "i1", "float16": "<f2", "float32": "<f4"}
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    """Little-endian bytes of a 1-D tensor."""
+def _raw(t: torch.Tensor) -> memoryview:
+    """Little-endian bytes of a 1-D tensor (a view, not a copy, on little-endian hosts)."""
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     arr = t.numpy()
     if sys.byteorder == "big" and arr.dtype.itemsize > 1:
         arr = arr.byteswap()
-    return arr.tobytes()
+    return memoryview(arr).cast("B")
 
 
 def _tensor(data: bytes, dtype: str) -> torch.Tensor:
-    """A fresh tensor from little-endian bytes."""
-    if dtype == "bfloat16":
-        arr = np.frombuffer(data, dtype="<i2").astype(np.int16)
-        return torch.from_numpy(arr).view(torch.bfloat16)
-    arr = np.frombuffer(data, dtype=_NUMPY_LE[dtype]).astype(_NUMPY_LE[dtype][-2:], copy=True)
-    return torch.from_numpy(arr)
+    """A tensor over little-endian bytes. On little-endian hosts it shares the
+    (immutable) bytes, so decoding copies nothing; codecs only read buffers and
+    decompression always returns a fresh tensor."""
+    np_dtype = "<i2" if dtype == "bfloat16" else _NUMPY_LE[dtype]
+    arr = np.frombuffer(data, dtype=np_dtype)
+    if sys.byteorder == "big" and arr.dtype.itemsize > 1:
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("="))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": it is never written
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def encode(payload: Payload) -> bytes:

@@ -277,7 +277,9 @@ class Swarm:
     async def _average(self, key, round, tensors, x, p, weight, group_size, codec, compression,
                        timeout) -> AverageResult:
         try:
+            t0 = time.monotonic()
             roster = await self._matchmake(key, round, group_size or 0, weight, timeout)
+            log.debug("%s/%s matchmaking %.3f s: %d in the roster", key, round, time.monotonic() - t0, len(roster))
             if self.peer_id not in roster:
                 return AverageResult(tensors, False, [self.peer_id], reason="joined after the roster was closed")
             groups = draw_groups(roster, group_seed(self.run_id, key, round), group_size)
@@ -288,6 +290,7 @@ class Swarm:
             result = await exchange(key, round, group, x, p, weight, codec, tensors, timeout)
             if isinstance(compression, ErrorFeedback) and result.sent is not None:
                 compression.absorb(key, p, result.sent[0])
+            log.debug("%s/%s done in %.3f s", key, round, time.monotonic() - t0)
             return result
         except Exception as e:  # a round never raises into training: the caller keeps its tensors
             log.warning("round %s/%s failed: %s: %s", key, round, type(e).__name__, e)
@@ -400,8 +403,14 @@ class Swarm:
 
         def compress_all():
             payloads = [codec.compress(p[lo:hi]) for lo, hi in bounds]
-            return [encode(pl) for pl in payloads], [codec.decompress(pl).float() for pl in payloads]
+            # what each shard decompresses to (lossless "none": the values themselves, no copy)
+            if codec.name == "none":
+                decoded = [p[lo:hi] for lo, hi in bounds]
+            else:
+                decoded = [codec.decompress(pl).float() for pl in payloads]
+            return [encode(pl) for pl in payloads], decoded
 
+        t0 = time.monotonic()
         blobs, mine = await self._run(compress_all)
         start = time.monotonic()
         sent = await asyncio.gather(*(self._send(group[j], key, round, "part", j, weight, [], blobs[j], timeout)
@@ -412,8 +421,9 @@ class Swarm:
                                   start + timeout)
         received = sum(m["size"] for m in got.values())
         parts = {self.peer_id: (weight, mine[me])}
-        for (_, _, sender), msg in got.items():
-            value = self._decode(msg, hi - lo, sender)
+        decoded = await asyncio.gather(*(self._run(self._decode, msg, hi - lo, sender)
+                                         for (_, _, sender), msg in got.items()))
+        for ((_, _, sender), msg), value in zip(got.items(), decoded):
             if value is not None and msg["weight"] > 0:
                 parts[sender] = (msg["weight"], value)
         contributors = sorted(parts)
@@ -427,13 +437,18 @@ class Swarm:
             payload = reducer.compress(acc)
             return encode(payload), reducer.decompress(payload).float()
 
+        t1 = time.monotonic()
         mean_blob, mean = await self._run(reduce)
+        t2 = time.monotonic()
         sent2 = await asyncio.gather(*(self._send(g, key, round, "mean", me, weight, contributors, mean_blob,
                                                   timeout) for g in group if g != self.peer_id))
         bytes_sent += sum(sent2)
         means = await self._collect(key, round, {("mean", j, group[j]) for j in range(n) if j != me},
                                     start + 2 * timeout)
         received += sum(m["size"] for m in means.values())
+        t3 = time.monotonic()
+        log.debug("%s/%s butterfly: compress %.3f s, parts %.3f s, reduce %.3f s, means %.3f s", key, round,
+                  start - t0, t1 - start, t2 - t1, t3 - t2)
         out = x.clone()
         averaged = [False] * n
         out[lo:hi], averaged[me] = mean, len(parts) > 1
@@ -471,7 +486,8 @@ class Swarm:
             for (_, j, sender), msg in backups.items():
                 apply(j, msg, sender)
         return AverageResult(unflatten(out, tensors), any(averaged), sorted(who | {self.peer_id}),
-                             bytes_sent=bytes_sent, bytes_received=received, sent=[torch.cat(mine)],
+                             bytes_sent=bytes_sent, bytes_received=received,
+                             sent=[torch.cat(mine)],
                              shards_averaged=averaged,
                              reason="" if all(averaged) else "some shards kept local values")
 
