@@ -70,3 +70,16 @@ def test_diloco_with_three_peers_trains_and_agrees():
     assert all(r["after"] < r["before"] for r in recs)
     assert len({r["phi"] for r in recs}) == 1  # identical global weights after a round where all took part
     assert len({r["theta"] for r in recs}) == 1
+
+
+def test_interpreter_exit_without_close_stops_the_daemon():
+    before = p2pd_pids()
+    code = ("from lowcomm.p2p import Swarm\n"
+            "s = Swarm.create(run_id='exit-test')\n"
+            "import subprocess; print(len(subprocess.run(['pgrep', '-x', 'p2pd'], capture_output=True, text=True)"
+            ".stdout.split()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) >= 1  # the daemon was running while the node was up
+    assert p2pd_pids() <= before        # and is gone once the interpreter exited
