@@ -86,6 +86,49 @@ def save_state(path: str | Path, state: dict, meta: dict | None = None) -> None:
     _atomic_write(path.with_suffix(".json"), json.dumps(doc).encode())
 
 
+def state_to_bytes(state: dict, meta: dict | None = None) -> bytes:
+    """The same format as a checkpoint, in one blob: msgpack of the JSON document
+    and the safetensors bytes (for sending state to a peer)."""
+    import msgpack
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(state, tensors)
+    blob = st_save(tensors) if tensors else st_save({"_": torch.zeros(0)})
+    doc = {"format": FORMAT, "meta": meta or {}, "state": tree, "tensor_bytes": len(blob),
+           "tensor_sha256": hashlib.sha256(blob).hexdigest()}
+    return msgpack.packb({"json": json.dumps(doc), "tensors": blob}, use_bin_type=True)
+
+
+def state_from_bytes(data: bytes) -> tuple[dict, dict]:
+    """Inverse of `state_to_bytes`; raises `CheckpointError` for anything malformed."""
+    import msgpack
+
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+        doc, blob = json.loads(obj["json"]), obj["tensors"]
+    except Exception as e:  # any malformed blob from a peer is reported the same way
+        raise CheckpointError(f"state blob is malformed: {type(e).__name__}") from None
+    return _parse(doc, blob, "state from peer")
+
+
+def _parse(doc, blob: bytes, where: str) -> tuple[dict, dict]:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a {FORMAT} document")
+    if doc.get("tensor_bytes") != len(blob):
+        raise CheckpointError(f"{where}: tensors have {len(blob)} bytes, expected {doc.get('tensor_bytes')}: "
+                              "truncated or from another save")
+    if doc.get("tensor_sha256") != hashlib.sha256(blob).hexdigest():
+        raise CheckpointError(f"{where}: tensors do not match their checksum: corrupt")
+    try:
+        tensors = st_load(blob)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{where}: tensors are corrupt: {e}") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or inf")
+    return _unflatten(doc["state"], tensors), doc.get("meta", {})
+
+
 def load_state(path: str | Path) -> tuple[dict, dict]:
     """Read a checkpoint written by `save_state`; returns (state, meta)."""
     path = Path(path)
@@ -96,15 +139,4 @@ def load_state(path: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint file missing: {e.filename}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path.with_suffix('.json')} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path.with_suffix('.json')} is not a {FORMAT} checkpoint")
-    if doc.get("tensor_bytes") != len(blob):
-        raise CheckpointError(f"{path.with_suffix('.safetensors')} has {len(blob)} bytes, expected "
-                              f"{doc.get('tensor_bytes')}: truncated or from another save")
-    if doc.get("tensor_sha256") != hashlib.sha256(blob).hexdigest():
-        raise CheckpointError(f"{path.with_suffix('.safetensors')} does not match its checksum: corrupt")
-    try:
-        tensors = st_load(blob)
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path.with_suffix('.safetensors')} is corrupt: {e}") from None
-    return _unflatten(doc["state"], tensors), doc.get("meta", {})
+    return _parse(doc, blob, str(path.with_suffix(".safetensors")))

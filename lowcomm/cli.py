@@ -1,6 +1,7 @@
 """The ``lowcomm`` command line.
 
     lowcomm simulate                 # compare algorithms on the built-in task
+    lowcomm join [--peers MULTIADDR] # train as a volunteer node of a swarm
     lowcomm plan --params 1B --step-time 2s --bandwidth 100Mbit
     lowcomm env                      # versions to paste into a bug report
     lowcomm --version
@@ -19,10 +20,11 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import lowcomm
-from lowcomm.config import ConfigError, PlanConfig, SimulateConfig, load_toml, merge
+from lowcomm.config import ConfigError, JoinConfig, PlanConfig, SimulateConfig, load_toml, merge
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train one model across many machines over slow links (DiLoCo, Streaming DiLoCo, NoLoCo).")
@@ -44,7 +46,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 def fail(message: str) -> None:
     """One line on stderr, exit code 2, no traceback."""
-    err.print(f"[bold red]error[/]: {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error[/]: {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -89,6 +91,19 @@ def _plan(config: PlanConfig) -> None:
     run_plan(config, console)
 
 
+def _join(config: JoinConfig) -> None:
+    from lowcomm.join.node import Node, Refused
+
+    try:
+        Node(config, console).run()
+    except Refused as e:
+        fail(str(e))
+
+
+command_from(JoinConfig, "join", _join,
+             "Join a training swarm as a volunteer (or start one): catch up from peers, train, sync, checkpoint. "
+             "With no --peers it starts a new swarm and prints the exact command others should run. Ctrl+C or "
+             "SIGTERM leaves cleanly with a checkpoint; a second Ctrl+C quits at once.")
 command_from(SimulateConfig, "simulate", _simulate,
              "Train the built-in task (or yours) with N simulated workers and compare algorithms: loss, bytes on "
              "the wire, and the wall clock and compute utilisation a network model predicts. With no options: "

@@ -100,6 +100,39 @@ class PlanConfig:
         return SimulateConfig(algorithms=self.algorithms).algorithm_list()
 
 
+@dataclass
+class JoinConfig:
+    """Settings of `lowcomm join` (see each field's help)."""
+
+    peers: str = opt("", "Multiaddrs of peers already in the swarm, comma- or space-separated "
+                     "(empty: start a new swarm and print the line others should run).")
+    run_id: str = opt("lowcomm", "Name of the training run; nodes of other runs are refused.")
+    task: str = opt("tinylm", "Task: tinylm or module:function returning a lowcomm.tasks.Task.")
+    data: str = opt("", "Folder of text files for tinylm (empty: the Python standard library's sources).")
+    algorithm: str = opt("diloco", "Outer algorithm: diloco, streaming or noloco.")
+    compressor: str = opt("", "Codec for outer traffic (empty: none; fp4 for streaming).")
+    error_feedback: bool = opt(False, "Keep compression residuals (error feedback).")
+    sync_every: int = opt(0, "H, inner steps between outer syncs (0: diloco/streaming 100, noloco 50).")
+    fragments: int = opt(2, "Streaming DiLoCo fragments P.")
+    delay: int = opt(5, "Streaming DiLoCo overlap tau, in steps.")
+    alpha: float = opt(0.5, "Streaming DiLoCo merge weight of local weights.")
+    group_size: int = opt(0, "Group size (0: everyone; NoLoCo defaults to 2).")
+    lr: float = opt(0.0, "Inner learning rate (0: the task's default).")
+    batch_size: int = opt(0, "Sequences per step (0: the task's default).")
+    seed: int = opt(0, "Seed of the initial weights (the same on every node) and of this node's data order.")
+    listen: str = opt("/ip4/127.0.0.1/tcp/0", "Multiaddr to listen on; /ip4/0.0.0.0/tcp/PORT to accept other "
+                      "machines (open that port).")
+    announce: str = opt("", "Multiaddr to tell peers, if they must dial another address (NAT, port forwarding).")
+    identity: str = opt("", "Private key file that fixes this node's peer id (default: <checkpoint-dir>/identity.key).")
+    checkpoint_dir: str = opt("checkpoints", "Folder for this node's checkpoints.")
+    checkpoint_every: int = opt(10, "Outer rounds between checkpoints (and one on exit).")
+    max_steps: int = opt(0, "Stop after this many inner steps (0: run until stopped).")
+    window: float = opt(5.0, "Seconds a round waits for missing peers.")
+
+    def peer_list(self) -> list[str]:
+        return [p for p in self.peers.replace(",", " ").split() if p]
+
+
 def parse_count(flag: str, text: str) -> int:
     """``"125M"`` -> 125000000 (suffixes K, M, B or G)."""
     t = str(text).strip().upper()

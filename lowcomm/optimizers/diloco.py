@@ -171,6 +171,32 @@ class DiLoCo(OuterOptimizer):
             self.compression.load_state_dict(state["error_feedback"] or {})
 
 
+    def shared_state_dict(self) -> dict:
+        """What a joining worker copies from a peer: global weights, outer
+        optimizer state and counters (not the inner optimizer, residuals or
+        fragments in flight, which are each worker's own)."""
+        return {"step": self.step_count, "rounds": list(self.rounds),
+                "phi": [[t.clone() for t in phi] for phi in self.phi],
+                "outer": [o.state_dict() for o in self.outer]}
+
+    @torch.no_grad()
+    def load_shared_state_dict(self, state: dict) -> None:
+        """Adopt a peer's `shared_state_dict`; local weights become the global ones."""
+        if len(state["phi"]) != self.fragments or any(
+                [t.shape for t in a] != [t.shape for t in b] for a, b in zip(state["phi"], self.phi)):
+            raise ValueError("the peer's state has other fragments or parameter shapes")
+        self.step_count, self.rounds = state["step"], list(state["rounds"])
+        for mine, theirs in zip(self.phi, state["phi"]):
+            for a, b in zip(mine, theirs):
+                a.copy_(b)
+        for o, s in zip(self.outer, state["outer"]):
+            o.load_state_dict(s)
+        self.inflight = []
+        for p in range(self.fragments):
+            for th, ph in zip(self._theta(p), self.phi[p]):
+                th.copy_(ph)
+
+
 class StreamingDiLoCo(DiLoCo):
     """`DiLoCo` with the Streaming DiLoCo paper's defaults: fragments over
     transformer blocks (strided), overlap of one inner step, alpha 0.5 and

@@ -80,6 +80,21 @@ class NoLoCo(OuterOptimizer):
             ph.add_(m)
             th.copy_(ph)
 
+    def shared_state_dict(self) -> dict:
+        """What a joining worker copies from a peer: its slow weights, momentum and counters."""
+        return {"step": self.step_count, "round": self.round, "phi": [t.clone() for t in self.phi],
+                "momentum": [t.clone() for t in self.momentum]}
+
+    @torch.no_grad()
+    def load_shared_state_dict(self, state: dict) -> None:
+        if [t.shape for t in state["phi"]] != [t.shape for t in self.phi]:
+            raise ValueError("the peer's state has other parameter shapes")
+        self.step_count, self.round = state["step"], state["round"]
+        for mine, theirs in zip(self.phi + self.momentum, state["phi"] + state["momentum"]):
+            mine.copy_(theirs)
+        for th, ph in zip(self.params, self.phi):
+            th.copy_(ph)
+
     def state_dict(self) -> dict:
         return {**self._base_state(), "step": self.step_count, "round": self.round,
                 "phi": [t.clone() for t in self.phi], "momentum": [t.clone() for t in self.momentum],

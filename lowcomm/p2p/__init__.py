@@ -6,7 +6,7 @@ py-libp2p cannot live in one process.
 
 from lowcomm.p2p.memory import MemoryNetwork, MemoryTransport
 from lowcomm.p2p.swarm import Swarm, SwarmHandle
-from lowcomm.p2p.transport import PeerUnreachable, Transport, TransportError
+from lowcomm.p2p.transport import BootstrapFailed, PeerUnreachable, Transport, TransportError
 
-__all__ = ["MemoryNetwork", "MemoryTransport", "PeerUnreachable", "Swarm", "SwarmHandle", "Transport",
+__all__ = ["BootstrapFailed", "MemoryNetwork", "MemoryTransport", "PeerUnreachable", "Swarm", "SwarmHandle", "Transport",
            "TransportError"]

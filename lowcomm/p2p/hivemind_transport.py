@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
@@ -20,10 +22,23 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.timed_storage import get_dht_time
 
 from lowcomm.compressors import MAX_BLOB_BYTES
-from lowcomm.p2p.transport import Handler, PeerUnreachable, TransportError
+from lowcomm.p2p.transport import BootstrapFailed, Handler, PeerUnreachable, TransportError
 
 log = logging.getLogger("lowcomm.p2p.hivemind")
 _LEN = 8
+
+# A watchdog process: when the node's process is gone (even by SIGKILL, when
+# no cleanup runs), it kills the node's p2pd, which would otherwise live on.
+_GUARD = """
+import os, signal, sys, time
+parent, daemon = os.getppid(), int(sys.argv[1])
+while os.getppid() == parent:
+    time.sleep(0.25)
+try:
+    os.kill(daemon, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -51,6 +66,7 @@ class HivemindTransport:
         self.initial_peers = list(initial_peers)
         self.listen, self.announce, self.identity_path = list(listen), list(announce), identity_path
         self.p2p: P2P | None = None
+        self._guard: subprocess.Popen | None = None
         self.dht: DHTNode | None = None
         self.peer_id = ""
         self._addrs: list[str] = []
@@ -60,9 +76,13 @@ class HivemindTransport:
             self.p2p = await P2P.create(initial_peers=self.initial_peers or None, host_maddrs=self.listen,
                                         announce_maddrs=self.announce or None, identity_path=self.identity_path)
         except P2PDaemonError as e:
+            if "bootstrap" in str(e):
+                raise BootstrapFailed(f"could not reach {', '.join(self.initial_peers)}") from None
             raise TransportError(f"could not start the p2p daemon: {e}") from None
         self.peer_id = str(self.p2p.peer_id)
         self._addrs = [str(a) for a in await self.p2p.get_visible_maddrs()]
+        child = getattr(self.p2p, "_child", None)
+        self._guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(child.pid)]) if child else None
         try:
             self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers or None,
                                             cache_locally=False, cache_on_store=False)
@@ -77,6 +97,16 @@ class HivemindTransport:
         if self.p2p is not None:
             await self.p2p.shutdown()
             self.p2p = None
+        if self._guard is not None:
+            self._guard.kill()
+            self._guard.wait()
+            self._guard = None
+
+    def kill(self) -> None:
+        """Kill the p2pd daemon now (no clean shutdown). Safe from any thread."""
+        child = getattr(self.p2p, "_child", None)
+        if child is not None and child.returncode is None:
+            child.kill()
 
     def addrs(self) -> list[str]:
         return list(self._addrs)
@@ -88,6 +118,8 @@ class HivemindTransport:
                 response = await handler(str(ctx.peer_id), request)
                 _write_frame(writer, response)
                 await writer.drain()
+            except asyncio.CancelledError:  # shutting down: drop the stream quietly
+                pass
             except Exception as e:  # a bad request is that peer's problem: close its stream
                 log.info("request on %s from %s failed: %s: %s", protocol, ctx.peer_id, type(e).__name__, e)
             finally:

@@ -14,7 +14,9 @@ How a round ``(key, round)`` goes:
    roster once every live member has joined, or ``window`` seconds after the
    first JOIN. A node that joins after that is told the roster without it and
    gets its own tensors back (it takes part from the next round). If the
-   leader cannot be reached, the next smallest leads.
+   leader cannot be reached, the next smallest leads. A peer that cannot be
+   reached is not waited for or asked to lead until its membership record
+   could have expired, or until it is heard from again.
 3. **Groups** are drawn from the roster and the round seed
    (`lowcomm.averaging.draw_groups`), identically on every member.
 4. **Exchange.** Dense codecs: butterfly. Member i sends shard j of its
@@ -43,7 +45,7 @@ import logging
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -95,6 +97,8 @@ class SwarmHandle:
             return self._future.result(self._default if timeout is None else timeout)
         except FutureTimeout:
             return AverageResult([t.detach().clone() for t in self._own], False, reason="deadline passed")
+        except CancelledError:
+            return AverageResult([t.detach().clone() for t in self._own], False, reason="round aborted")
 
 
 class Swarm:
@@ -115,6 +119,7 @@ class Swarm:
         self.membership_ttl, self.window = membership_ttl, window
         self.base_timeout, self.bandwidth = base_timeout, bandwidth
         self._members: list[str] = []
+        self._suspects: dict[str, float] = {}  # peer -> until when it is not waited for
         self._lobbies: dict[tuple[str, int], _Lobby] = {}
         self._inboxes: dict[tuple[str, int], _Inbox] = {}
         self._closed = False
@@ -188,6 +193,7 @@ class Swarm:
         return task
 
     async def _tracked(self, coro):
+        asyncio.current_task()._lowcomm_round = True
         self._tasks.add(asyncio.current_task())
         try:
             return await coro
@@ -216,6 +222,22 @@ class Swarm:
                 del self._inboxes[k]
             for k in [k for k, lobby in self._lobbies.items() if lobby.roster is not None and now - lobby.first > 600]:
                 del self._lobbies[k]
+
+    def abort_rounds(self) -> None:
+        """Give up every round in flight: their handles return the callers' own
+        tensors flagged ``averaged=False`` (reason "round aborted"). Thread-safe."""
+        def cancel():
+            for task in list(self._tasks):
+                if getattr(task, "_lowcomm_round", False):
+                    task.cancel()
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(cancel)
+
+    def kill(self) -> None:
+        """Stop the transport's daemon at once, without a clean leave (for a second Ctrl+C)."""
+        kill = getattr(self.transport, "kill", None)
+        if kill:
+            kill()
 
     def close(self) -> None:
         """Leave the swarm: stop the transport (and its daemon) and the loop thread."""
@@ -299,9 +321,17 @@ class Swarm:
             self._inboxes.pop((key, round), None)
 
     # --- matchmaking ---
+    def _suspect(self, peer: str) -> None:
+        """Stop waiting for ``peer`` (or asking it to lead) until its membership record could have expired."""
+        self._suspects[peer] = time.monotonic() + self.membership_ttl
+
+    def _expected(self) -> list[str]:
+        now = time.monotonic()
+        return [m for m in self._members if self._suspects.get(m, 0) < now]
+
     async def _matchmake(self, key: str, round: int, group_size: int, weight: float, timeout: float) -> list[str]:
         request = messages.pack("join", run=self.run_id, key=key, round=round, group_size=group_size, weight=weight)
-        for leader in list(self._members):
+        for leader in self._expected():
             if leader == self.peer_id:
                 return await self._lead(self.peer_id, key, round, weight)
             try:
@@ -310,6 +340,8 @@ class Swarm:
                 return messages.unpack("roster", reply)["roster"]
             except (PeerUnreachable, asyncio.TimeoutError, WireFormatError) as e:
                 log.info("leader %s unreachable for %s/%s (%s); trying the next", leader, key, round, e)
+                if isinstance(e, PeerUnreachable):
+                    self._suspect(leader)
         return [self.peer_id]
 
     async def _lead(self, peer: str, key: str, round: int, weight: float) -> list[str]:
@@ -320,7 +352,7 @@ class Swarm:
             lobby.first = time.monotonic()
             self._spawn(self._close_lobby_later(key, round, lobby))
         lobby.joined[peer] = weight
-        if set(self._members) <= set(lobby.joined):
+        if set(self._expected()) <= set(lobby.joined):
             self._close_lobby(lobby)
         await lobby.done.wait()
         return lobby.roster
@@ -329,7 +361,7 @@ class Swarm:
         await asyncio.sleep(self.window)
         if lobby.roster is None:
             log.info("round %s/%s closes without %s", key, round,
-                     sorted(set(self._members) - set(lobby.joined)))
+                     sorted(set(self._expected()) - set(lobby.joined)))
             self._close_lobby(lobby)
 
     @staticmethod
@@ -339,6 +371,7 @@ class Swarm:
 
     async def _on_join(self, sender: str, data: bytes) -> bytes:
         msg = messages.unpack("join", data)
+        self._suspects.pop(sender, None)  # alive after all
         if msg["run"] != self.run_id:
             return messages.pack("roster", roster=[], reason=f"this node is in run {self.run_id!r}")
         roster = await self._lead(sender, msg["key"], msg["round"], msg["weight"])
@@ -347,6 +380,7 @@ class Swarm:
     # --- exchange ---
     async def _on_part(self, sender: str, data: bytes) -> bytes:
         msg = messages.unpack("part", data)
+        self._suspects.pop(sender, None)
         if msg["run"] != self.run_id:
             raise PeerUnreachable("wrong run")
         box = self._inboxes.setdefault((msg["key"], msg["round"]), _Inbox(time.monotonic()))
@@ -365,6 +399,8 @@ class Swarm:
             return len(data)
         except (PeerUnreachable, asyncio.TimeoutError) as e:
             log.info("could not send %s/%s %s shard %d to %s: %s", key, round, phase, shard, peer, e)
+            if isinstance(e, PeerUnreachable):
+                self._suspect(peer)
             return 0
 
     async def _collect(self, key: str, round: int, wanted: set[tuple[str, int, str]], deadline: float) -> dict:

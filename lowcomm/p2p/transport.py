@@ -23,6 +23,10 @@ class TransportError(RuntimeError):
     """The transport cannot do what was asked (not started, bad address ...)."""
 
 
+class BootstrapFailed(TransportError):
+    """None of the initial peers could be reached."""
+
+
 class PeerUnreachable(TransportError):
     """A request to a peer failed: the peer is gone, refused, or the stream broke."""
 

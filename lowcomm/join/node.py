@@ -1,0 +1,356 @@
+"""`lowcomm join`: a volunteer node that joins, catches up, trains, checkpoints, leaves.
+
+    lowcomm join                                   # start a swarm; prints the line for others
+    lowcomm join --peers /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...
+
+A node builds the task's model, joins the swarm (hivemind backend), checks
+with its bootstrap peers that they run the same settings, then takes the
+latest state: from a peer that is further along (global weights, outer
+optimizer state, round and step), or from its own checkpoint, or fresh. It
+trains, prints one status line per outer round, serves its state to later
+joiners, and writes a checkpoint every few rounds and on exit. A round it was
+left out of (late, or alone while others exist) makes it catch up again.
+Ctrl+C or SIGTERM gives up the round in flight, writes a checkpoint, stops the
+daemon and exits 0; a second Ctrl+C exits at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import msgpack
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from lowcomm.checkpoint import CheckpointError, load_state, save_state, state_from_bytes, state_to_bytes
+from lowcomm.compressors import wire_size
+from lowcomm.config import ConfigError, JoinConfig, SimulateConfig
+from lowcomm.join.settings import differences, run_settings, settings_hash
+from lowcomm.sim.runner import build_optimizer, settings_for
+from lowcomm.tasks import TaskError, load_task
+
+PROTOCOL_HELLO = "/lowcomm/hello/1"
+PROTOCOL_STATE = "/lowcomm/state/1"
+CHECKPOINT = "node"
+
+
+class Refused(Exception):
+    """A peer runs other settings; the message names what differs."""
+
+
+def check_multiaddr(flag: str, text: str, need_peer_id: bool) -> dict[str, str]:
+    from lowcomm.p2p.addrs import AddressError, parse_multiaddr
+
+    try:
+        return parse_multiaddr(text, need_peer_id)
+    except AddressError as e:
+        raise ConfigError(flag, str(e)) from None
+
+
+def check_port_free(listen: str) -> None:
+    parts = check_multiaddr("--listen", listen, need_peer_id=False)
+    port = int(parts.get("tcp", 0))
+    if port == 0:
+        return
+    host = parts.get("ip4") or parts.get("ip6") or "0.0.0.0"
+    family = socket.AF_INET6 if "ip6" in parts else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError("--listen", f"cannot listen on {host} port {port} ({e.strerror}); is another node "
+                                          "running? pick another port, or 0 for any free one") from None
+
+
+def phi_digest(opt) -> str:
+    h = hashlib.sha256()
+    phis = opt.phi if isinstance(opt.phi[0], torch.Tensor) else [t for frag in opt.phi for t in frag]
+    for t in phis:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+class Node:
+    """One volunteer node (see the module docstring)."""
+
+    def __init__(self, cfg: JoinConfig, console: Console):
+        self.cfg, self.console = cfg, console
+        self.stop_requested = False
+        self.swarm = None
+        self._state_blob = b""
+        self._missed = 0
+
+    # --- set-up ---
+    def _validate(self) -> list[str]:
+        cfg = self.cfg
+        if cfg.algorithm not in ("diloco", "streaming", "noloco"):
+            raise ConfigError("--algorithm", f"must be diloco, streaming or noloco, got {cfg.algorithm!r}")
+        for flag, value in (("--max-steps", cfg.max_steps), ("--sync-every", cfg.sync_every),
+                            ("--batch-size", cfg.batch_size)):
+            if value < 0:
+                raise ConfigError(flag, f"must be >= 0, got {value}")
+        if cfg.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every", f"must be >= 1, got {cfg.checkpoint_every}")
+        peers = cfg.peer_list()
+        for p in peers:
+            check_multiaddr("--peers", p, need_peer_id=True)
+        if cfg.announce:
+            check_multiaddr("--announce", cfg.announce, need_peer_id=False)
+        check_port_free(cfg.listen)
+        return peers
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        options = {"data": cfg.data} if cfg.data else {}
+        if cfg.batch_size:
+            options["batch_size"] = cfg.batch_size
+        try:
+            self.task = load_task(cfg.task, **options)
+        except TaskError as e:
+            raise ConfigError("--data" if "--data" in str(e) else "--task", str(e)) from None
+        sim = SimulateConfig(sync_every=cfg.sync_every, fragments=cfg.fragments, delay=cfg.delay, alpha=cfg.alpha,
+                             compressor=cfg.compressor, error_feedback=cfg.error_feedback, group_size=cfg.group_size)
+        self.settings = settings_for(cfg.algorithm, sim)
+        self.model = self.task.make_model(cfg.seed)
+        self.inner = self.task.make_inner(self.model, cfg.lr or self.task.default_lr)
+        self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings)
+        self.hash = settings_hash(self.run_settings)
+
+    def _join_swarm(self, peers: list[str]) -> None:
+        from lowcomm.p2p import BootstrapFailed, Swarm, TransportError
+
+        cfg = self.cfg
+        ckpt_dir = Path(cfg.checkpoint_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        identity = cfg.identity or str(ckpt_dir / "identity.key")
+        try:
+            self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", listen=[cfg.listen],
+                                    announce=[cfg.announce] if cfg.announce else [], identity_path=identity,
+                                    window=cfg.window)
+        except BootstrapFailed:
+            raise ConfigError("--peers", f"could not reach {', '.join(peers)}; check the address and that the "
+                                         "port is open") from None
+        except TransportError as e:
+            raise ConfigError("--listen", f"could not start the network: {e}") from None
+        self.swarm._call(self._serve(), timeout=30)
+        try:
+            self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm)
+        except ValueError as e:
+            raise ConfigError(f"--{cfg.algorithm}", str(e)) from None
+
+    async def _serve(self) -> None:
+        async def hello(sender: str, data: bytes) -> bytes:
+            msg = msgpack.unpackb(data, raw=False)
+            ok = isinstance(msg, dict) and msg.get("run_id") == self.cfg.run_id and msg.get("hash") == self.hash
+            if not ok:
+                self.console.print(f"[yellow]refused {sender[:16]}…: it runs other settings[/]", highlight=False)
+            return msgpack.packb({"ok": ok, "run_id": self.cfg.run_id, "hash": self.hash,
+                                  "settings": self.run_settings})
+
+        async def state(sender: str, data: bytes) -> bytes:
+            msg = msgpack.unpackb(data, raw=False)
+            if not isinstance(msg, dict) or msg.get("hash") != self.hash or not self._state_blob:
+                return b""
+            return self._state_blob
+
+        await self.swarm.transport.serve(PROTOCOL_HELLO, hello)
+        await self.swarm.transport.serve(PROTOCOL_STATE, state)
+
+    def _handshake(self, peers: list[str]) -> None:
+        """Ask each bootstrap peer whether it runs our settings; refuse on a mismatch."""
+        request = msgpack.packb({"run_id": self.cfg.run_id, "hash": self.hash})
+        for addr in peers:
+            peer = addr.split("/p2p/")[-1].split("/")[0]
+            try:
+                reply = msgpack.unpackb(self.swarm._call(self.swarm.transport.request(
+                    peer, PROTOCOL_HELLO, request, timeout=30), timeout=40), raw=False)
+            except Exception as e:  # an unreachable bootstrap peer is reported, the next one tried
+                self.console.print(f"[yellow]could not greet {escape(addr)}: {escape(str(e))}[/]", highlight=False)
+                continue
+            if not reply.get("ok"):
+                what = differences(self.run_settings, reply.get("settings") or {})
+                if reply.get("run_id") != self.cfg.run_id:
+                    what.insert(0, f"run id ({self.cfg.run_id!r} here, {reply.get('run_id')!r} there)")
+                raise Refused(f"refused by {addr}: run {reply.get('run_id')!r} settings {reply.get('hash')} differ from "
+                              f"run {self.cfg.run_id!r} settings {self.hash} here: {'; '.join(what) or 'settings'}")
+            return
+
+    # --- state ---
+    def _snapshot(self) -> None:
+        self._state_blob = state_to_bytes(self.opt.shared_state_dict(),
+                                          {"hash": self.hash, "step": self.opt.step_count})
+
+    def catch_up(self) -> bool:
+        """Take the shared state of the first live peer that serves a valid one."""
+        others = [m for m in self.swarm.members() if m != self.swarm.peer_id]
+        request = msgpack.packb({"hash": self.hash})
+        for peer in others:
+            try:
+                blob = self.swarm._call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=120),
+                                        timeout=130)
+                if not blob:
+                    continue
+                state, meta = state_from_bytes(blob)
+                if meta.get("hash") != self.hash:
+                    raise CheckpointError("settings hash differs")
+                self.opt.load_shared_state_dict(state)
+            except Exception as e:  # try the next peer: this one is gone or sent something unusable
+                self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]", highlight=False)
+                continue
+            self.console.print(f"caught up from {peer[:16]}… at step {self.opt.step_count}", highlight=False)
+            return True
+        return False
+
+    def _checkpoint_path(self) -> Path:
+        return Path(self.cfg.checkpoint_dir) / CHECKPOINT
+
+    def save(self) -> None:
+        save_state(self._checkpoint_path(), {"model": self.model.state_dict(), "opt": self.opt.state_dict()},
+                   {"hash": self.hash, "step": self.opt.step_count, "run_id": self.cfg.run_id})
+
+    def load_checkpoint(self) -> int | None:
+        """Resume from this node's checkpoint if it is valid; returns its step."""
+        path = self._checkpoint_path()
+        if not path.with_suffix(".json").exists() and not path.with_suffix(".safetensors").exists():
+            return None
+        try:
+            state, meta = load_state(path)
+            if meta.get("hash") != self.hash:
+                raise CheckpointError(f"it was written for other settings ({meta.get('hash')})")
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+        except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
+            self.console.print(f"[yellow]skipping checkpoint {escape(str(path))}: {escape(str(e))}[/]",
+                               highlight=False)
+            return None
+        self.console.print(f"resumed from checkpoint at step {meta['step']}", highlight=False)
+        return int(meta["step"])
+
+    # --- running ---
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:
+            self.console.print("[red]second interrupt: exiting now[/]")
+            if self.swarm is not None:
+                self.swarm.kill()
+            os._exit(130)
+        self.stop_requested = True
+        self.console.print("stopping: leaving the current round, writing a checkpoint "
+                           "(Ctrl+C again to quit at once)", highlight=False)
+        if self.swarm is not None:
+            self.swarm.abort_rounds()
+
+    def run(self) -> None:
+        peers = self._validate()
+        self._build()
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        self._join_swarm(peers)
+        try:
+            if peers:
+                self._handshake(peers)
+            self._start_state(peers)
+            self._snapshot()
+            if not peers:
+                self._print_join_line()
+            self._train()
+        finally:
+            if getattr(self, "opt", None) is not None:
+                self.save()
+                self.console.print(f"checkpoint written to {self._checkpoint_path()}.*", highlight=False)
+            self.swarm.close()
+
+    def _start_state(self, peers: list[str]) -> None:
+        ckpt_step = self.load_checkpoint()
+        if peers:
+            try:
+                self.swarm.wait_for_members(2, timeout=30)
+            except TimeoutError:
+                self.console.print("[yellow]no other member visible yet; starting on my own[/]")
+                return
+            theirs = self._peer_step()
+            if ckpt_step is None or (theirs is not None and theirs > ckpt_step):
+                self.catch_up()
+
+    def _peer_step(self) -> int | None:
+        request = msgpack.packb({"hash": self.hash})
+        for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
+            try:
+                blob = self.swarm._call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=60), 70)
+                return int(state_from_bytes(blob)[1]["step"]) if blob else None
+            except Exception:  # that peer cannot tell; ask the next
+                continue
+        return None
+
+    def _print_join_line(self) -> None:
+        cfg = self.cfg
+        addr = self.swarm.addrs()[0]
+        extra = [f"--run-id {cfg.run_id}"] if cfg.run_id != "lowcomm" else []
+        for flag, value, default in (("--task", cfg.task, "tinylm"), ("--data", cfg.data, ""),
+                                     ("--algorithm", cfg.algorithm, "diloco"), ("--compressor", cfg.compressor, ""),
+                                     ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0)):
+            if value != default:
+                extra.append(f"{flag} {value}")
+        line = " ".join(["lowcomm join --peers", addr, *extra, "--checkpoint-dir DIR"])
+        self.console.rule("[bold]swarm started")
+        self.console.print("Other nodes join with (use a checkpoint folder of their own):", highlight=False)
+        self.console.print(f"[bold green]{escape(line)}[/]", highlight=False, soft_wrap=True)
+        if "/127.0.0.1/" in addr:
+            self.console.print("(this node listens on 127.0.0.1 only; use --listen /ip4/0.0.0.0/tcp/PORT and "
+                               "--announce with your public address for other machines)", highlight=False)
+        self.console.rule()
+
+    def _train(self) -> None:
+        cfg, task, opt = self.cfg, self.task, self.opt
+        # every node reads the whole training set in its own order, seeded by its peer id
+        order = int(hashlib.sha256(f"{cfg.seed}/{self.swarm.peer_id}".encode()).hexdigest()[:8], 16)
+        data = task.batches(0, 1, order)
+        numel = sum(p.numel() for p in self.model.parameters())
+        codec = opt.compression.compressor if hasattr(opt.compression, "compressor") else opt.compression
+        ratio = numel * 4 / wire_size(codec, numel) if codec is not None else 1.0
+        self.console.print(f"eval loss {task.evaluate(self.model):.4f} at step {opt.step_count}", highlight=False)
+        rounds_seen, tokens, t_last = opt.stats.outer_rounds, 0, time.monotonic()
+        since_ckpt = 0
+        while not self.stop_requested and (cfg.max_steps == 0 or opt.step_count < cfg.max_steps):
+            loss = task.loss(self.model, next(data))
+            loss.backward()
+            t_step = time.monotonic()
+            opt.step()
+            opt.zero_grad()
+            tokens += task.tokens_per_batch
+            if opt.stats.outer_rounds == rounds_seen:
+                continue
+            rounds_seen = opt.stats.outer_rounds
+            now = time.monotonic()
+            members = len(self.swarm._members)
+            swarm_round = sum(opt.rounds) if hasattr(opt, "rounds") else opt.round  # the same on every node
+            self.console.print(
+                f"round {swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members} | "
+                f"loss {loss.item():.4f} | {tokens / max(now - t_last, 1e-9):,.0f} tok/s | "
+                f"sent {_fmt_bytes(opt.stats.bytes_sent)} recv {_fmt_bytes(opt.stats.bytes_received)} | "
+                f"x{ratio:.1f} compression | round {now - t_step:.2f} s | phi {phi_digest(opt)}", highlight=False,
+                soft_wrap=True)
+            tokens, t_last = 0, now
+            out_of_sync = opt.stats.rounds_not_averaged > self._missed or (
+                opt.stats.last_group_size < 2 and members > 1)
+            self._missed = opt.stats.rounds_not_averaged
+            if out_of_sync and members > 1 and not self.stop_requested:
+                self.catch_up()
+            self._snapshot()
+            since_ckpt += 1
+            if since_ckpt >= cfg.checkpoint_every:
+                self.save()
+                since_ckpt = 0
+        self.console.print(f"eval loss {task.evaluate(self.model):.4f} at step {opt.step_count}", highlight=False)

@@ -1,0 +1,37 @@
+"""The settings every node of a run must share, their hash, and what differs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+
+from torch import nn
+
+from lowcomm.sim.runner import Settings
+
+
+def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings) -> dict:
+    """What must match between nodes: the task, the model's parameter shapes and
+    the outer algorithm's settings (not learning rate or batch size, which are
+    each node's own)."""
+    shapes = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    return {"task": task_spec, "data": data, "parameters": shapes, **asdict(settings)}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(mine: dict, theirs: dict) -> list[str]:
+    """Human-readable list of the settings that differ."""
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if a != b:
+            if key == "parameters":
+                out.append(f"model shape ({len(a or [])} vs {len(b or [])} tensors"
+                           f"{', shapes differ' if len(a or []) == len(b or []) else ''})")
+            else:
+                out.append(f"{key} ({a!r} here, {b!r} there)")
+    return out
