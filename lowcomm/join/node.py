@@ -129,12 +129,41 @@ class Node:
         self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings)
         self.hash = settings_hash(self.run_settings)
 
+    def _claim_checkpoint_dir(self) -> Path:
+        """Take the checkpoint folder (with a lock file holding our pid). With the
+        default folder, a folder in use by a running node on this machine is
+        skipped for ``checkpoints-2``, ``-3`` ...; a lock left by a dead process is taken over."""
+        base = Path(self.cfg.checkpoint_dir)
+        default = self.cfg.checkpoint_dir == JoinConfig.checkpoint_dir
+        for i in range(1, 1000):
+            folder = base if i == 1 else base.with_name(f"{base.name}-{i}")
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = folder / ".lock"
+            try:
+                holder = int(lock.read_text().strip())
+                os.kill(holder, 0)
+                alive = holder != os.getpid()
+            except (FileNotFoundError, ValueError, ProcessLookupError):
+                alive = False
+            except PermissionError:
+                alive = True
+            if not alive:
+                lock.write_text(str(os.getpid()))
+                if folder != base:
+                    self.console.print(f"using checkpoint folder {folder} ({base} is in use by a running node)",
+                                       highlight=False)
+                self._lock = lock
+                return folder
+            if not default:
+                raise ConfigError("--checkpoint-dir", f"{folder} is in use by a running node (pid {holder}); "
+                                                      "give this node a folder of its own")
+        raise ConfigError("--checkpoint-dir", "no free checkpoint folder")
+
     def _join_swarm(self, peers: list[str]) -> None:
         from lowcomm.p2p import BootstrapFailed, Swarm, TransportError
 
         cfg = self.cfg
-        ckpt_dir = Path(cfg.checkpoint_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = self.checkpoint_dir = self._claim_checkpoint_dir()
         identity = cfg.identity or str(ckpt_dir / "identity.key")
         try:
             self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", listen=[cfg.listen],
@@ -215,7 +244,7 @@ class Node:
         return False
 
     def _checkpoint_path(self) -> Path:
-        return Path(self.cfg.checkpoint_dir) / CHECKPOINT
+        return self.checkpoint_dir / CHECKPOINT
 
     def save(self) -> None:
         save_state(self._checkpoint_path(), {"model": self.model.state_dict(), "opt": self.opt.state_dict()},
@@ -271,6 +300,9 @@ class Node:
                 self.save()
                 self.console.print(f"checkpoint written to {self._checkpoint_path()}.*", highlight=False)
             self.swarm.close()
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.unlink(missing_ok=True)
 
     def _start_state(self, peers: list[str]) -> None:
         ckpt_step = self.load_checkpoint()
@@ -303,9 +335,9 @@ class Node:
                                      ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0)):
             if value != default:
                 extra.append(f"{flag} {value}")
-        line = " ".join(["lowcomm join --peers", addr, *extra, "--checkpoint-dir DIR"])
+        line = " ".join(["lowcomm join --peers", addr, *extra])
         self.console.rule("[bold]swarm started")
-        self.console.print("Other nodes join with (use a checkpoint folder of their own):", highlight=False)
+        self.console.print("Other nodes join with:", highlight=False)
         self.console.print(f"[bold green]{escape(line)}[/]", highlight=False, soft_wrap=True)
         if "/127.0.0.1/" in addr:
             self.console.print("(this node listens on 127.0.0.1 only; use --listen /ip4/0.0.0.0/tcp/PORT and "

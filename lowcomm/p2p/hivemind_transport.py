@@ -25,6 +25,7 @@ from lowcomm.compressors import MAX_BLOB_BYTES
 from lowcomm.p2p.transport import BootstrapFailed, Handler, PeerUnreachable, TransportError
 
 log = logging.getLogger("lowcomm.p2p.hivemind")
+logging.getLogger("hivemind").setLevel(logging.WARNING)  # its INFO lines ("Generating new identity") are noise here
 _LEN = 8
 
 # A watchdog process: when the node's process is gone (even by SIGKILL, when

@@ -3,6 +3,7 @@
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = ["--task", "tests.sim.tinytask:task", "--sync-every", "20", "--run-id", "itest"]
+
+
+def pasted(join_line: str) -> list[str]:
+    """The arguments of a printed `lowcomm join ...` line, as a shell would split them."""
+    return shlex.split(join_line)[2:]
 STATUS = re.compile(r"round\s+(\d+) \| step\s+(\d+) \| peers (\d+)/(\d+) .* phi (\w+)")
 
 
@@ -34,11 +40,11 @@ def wait_until(predicate, timeout: float, what: str):
 class NodeProc:
     """A `lowcomm join` process whose output lines are collected by a thread."""
 
-    def __init__(self, name: str, *args: str):
+    def __init__(self, name: str, *args: str, cwd: Path = ROOT):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
         self.name = name
         self.proc = subprocess.Popen([sys.executable, "-m", "lowcomm", "join", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+                                     stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
         self.lines: list[str] = []
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -69,8 +75,8 @@ def nodes():
     made: list[NodeProc] = []
     before = p2pd_pids()
 
-    def start(name, *args):
-        node = NodeProc(name, *args)
+    def start(name, *args, cwd=ROOT):
+        node = NodeProc(name, *args, cwd=cwd)
         made.append(node)
         return node
 
@@ -85,11 +91,12 @@ def nodes():
 
 
 def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path):
-    a = nodes("a", *TASK, "--checkpoint-dir", str(tmp_path / "a"))
+    # every node runs in tmp_path with the default checkpoint folder; the joiners run the printed line as is
+    a = nodes("a", *TASK, cwd=tmp_path)
     join_line = wait_until(lambda: a.grep(r"^lowcomm join --peers "), 60, "the join line")[0]
-    addr = join_line.split()[3]
-    b = nodes("b", *TASK, "--peers", addr, "--checkpoint-dir", str(tmp_path / "b"))
-    c = nodes("c", *TASK, "--peers", addr, "--checkpoint-dir", str(tmp_path / "c"))
+    b = nodes("b", *pasted(join_line), cwd=tmp_path)
+    wait_until(lambda: b.grep("caught up from|^round"), 60, "b to start")
+    c = nodes("c", *pasted(join_line), cwd=tmp_path)
     everyone = (a, b, c)
     wait_until(lambda: all(sum(r[2] == 3 for r in n.rounds()) >= 3 for n in everyone), 90,
                "3 rounds with all three nodes")
@@ -99,7 +106,7 @@ def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path):
     wait_until(lambda: all(len(n.rounds()) >= seen[n.name] + 3 for n in (a, b)), 60,
                "a and b to keep training without c")
 
-    c2 = nodes("c2", *TASK, "--peers", addr, "--checkpoint-dir", str(tmp_path / "c"))
+    c2 = nodes("c2", *pasted(join_line), cwd=tmp_path)  # takes over the dead node's folder and identity
     wait_until(lambda: c2.grep("caught up from"), 90, "the restarted node to catch up")
 
     def agreed():  # swarm rounds (same step on every node) where all three took part and hold one phi
@@ -117,4 +124,7 @@ def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path):
         evals = [float(x) for x in re.findall(r"eval loss ([\d.]+)", "\n".join(n.lines))]
         assert evals[-1] < start / 10
         assert n.grep("checkpoint written")
-    assert (tmp_path / "c" / "node.safetensors").exists()
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoints"))
+    assert folders == ["checkpoints", "checkpoints-2", "checkpoints-3"]
+    assert all((tmp_path / f / "node.safetensors").exists() for f in folders)
+    assert c2.grep("caught up from") and not c2.grep("using checkpoint folder checkpoints-4")

@@ -1,0 +1,117 @@
+"""`lowcomm join`: refusal of other settings, corrupt checkpoints, and errors a volunteer can act on."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from lowcomm.checkpoint import CheckpointError, load_state, save_state
+from lowcomm.config import JoinConfig
+from lowcomm.join.node import Node
+from lowcomm.sim import LocalSwarm
+from lowcomm.sim.runner import build_optimizer
+from tests.join.test_join import TASK, NodeProc, p2pd_pids, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def join(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"}
+    return subprocess.run([sys.executable, "-m", "lowcomm", "join", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+def one_error_line(r) -> str:
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_unreachable_bootstrap_peer(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/QmPPJKZbroDaVDDgtdfg4TiyFy94VccTNiJQn75GFkft3e"
+    line = one_error_line(join(*TASK, "--peers", addr, cwd=tmp_path))
+    assert f"could not reach {addr}; check the address and that the port is open" in line
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = one_error_line(join(*TASK, "--listen", f"/ip4/127.0.0.1/tcp/{port}", cwd=tmp_path))
+    assert "--listen" in line and f"port {port}" in line
+
+
+def test_malformed_multiaddrs(tmp_path):
+    for bad, words in (("127.0.0.1:31337", "not a multiaddr"), ("/ip4/1.2.3.4/tcp/31337", "/p2p/"),
+                       ("/ip4/1.2.3.999/tcp/1/p2p/QmPPJKZbroDaVDDgtdfg4TiyFy94VccTNiJQn75GFkft3e", "IPv4")):
+        line = one_error_line(join(*TASK, "--peers", bad, cwd=tmp_path))
+        assert "--peers" in line and words in line
+
+
+def test_a_node_with_other_settings_is_refused(tmp_path):
+    before = p2pd_pids()
+    a = NodeProc("a", *TASK, cwd=tmp_path)
+    try:
+        line = wait_until(lambda: a.grep(r"^lowcomm join --peers "), 60, "the join line")[0]
+        addr = line.split()[3]
+        other = [a if a != "20" else "10" for a in TASK]  # sync_every 10 instead of 20
+        err = one_error_line(join(*other, "--peers", addr, cwd=tmp_path))
+        assert "refused by" in err and "run 'itest' settings" in err and "sync_every (10 here, 20 there)" in err
+        err = one_error_line(join(*[x if x != "itest" else "other" for x in TASK], "--peers", addr, cwd=tmp_path))
+        assert "run id ('other' here, 'itest' there)" in err
+        assert a.stop(signal.SIGTERM) == 0
+    finally:
+        a.kill()
+    wait_until(lambda: p2pd_pids() <= before, 15, "every p2pd to exit")
+
+
+def _node(tmp_path) -> Node:
+    cfg = JoinConfig(task="tests.sim.tinytask:task", checkpoint_dir=str(tmp_path), sync_every=5)
+    node = Node(cfg, Console(file=open(os.devnull, "w")))
+    node._build()
+    node.checkpoint_dir = tmp_path
+    node.opt = build_optimizer(node.settings, node.model, node.inner, LocalSwarm(1).averager(0))
+    return node
+
+
+def test_corrupt_or_truncated_checkpoint_is_reported_and_skipped(tmp_path):
+    node = _node(tmp_path)
+    data = node.task.batches(0, 1, 0)
+    for _ in range(7):
+        node.task.loss(node.model, next(data)).backward()
+        node.opt.step()
+        node.opt.zero_grad()
+    node.save()
+    assert _node(tmp_path).load_checkpoint() == 7
+    path = tmp_path / "node.safetensors"
+    good = path.read_bytes()
+    for broken in (good[: len(good) // 2], good[:-1] + bytes([good[-1] ^ 1])):
+        path.write_bytes(broken)
+        fresh = _node(tmp_path)
+        messages = []
+        fresh.console = Console(file=open(os.devnull, "w"))
+        fresh.console.print = lambda *a, **k: messages.append(" ".join(map(str, a)))
+        assert fresh.load_checkpoint() is None
+        assert fresh.opt.step_count == 0 and any("skipping checkpoint" in m for m in messages)
+        try:
+            load_state(tmp_path / "node")
+            raise AssertionError("a broken checkpoint loaded")
+        except CheckpointError as e:
+            assert "truncated" in str(e) or "checksum" in str(e)
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    save_state(tmp_path / "x", {"a": [1, 2.5, None], "t": __import__("torch").arange(3.0)}, {"step": 3})
+    state, meta = load_state(tmp_path / "x")
+    assert state["a"] == [1, 2.5, None] and state["t"].tolist() == [0.0, 1.0, 2.0] and meta == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.safetensors"]  # no temp files left
