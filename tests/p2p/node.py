@@ -51,6 +51,23 @@ def job_average(swarm, args) -> None:
          digest=digest(r.tensors))
 
 
+def job_crash(swarm, args) -> None:
+    """The last rank dies (no cleanup) after the roster closed, before sending any part;
+    the others must end with the exact mean of their own contributions."""
+    import os
+
+    numel = 100_000
+    mine = contribution(args.rank, numel)
+    if args.rank == args.count - 1:
+        async def die(*a, **k):
+            os._exit(0)
+        swarm._butterfly = die
+    r = swarm.average("crash", [mine], round=0).result()
+    want = torch.stack([contribution(i, numel) for i in range(args.count - 1)]).double().mean(0)
+    emit(check="crash", averaged=r.averaged, all_shards=all(r.shards_averaged), participants=len(r.participants),
+         max_err=(r.tensors[0].double() - want).abs().max().item(), digest=digest(r.tensors))
+
+
 def job_diloco(swarm, args) -> None:
     from lowcomm.optimizers import DiLoCo
     from tests.sim.tinytask import task
@@ -74,18 +91,18 @@ def main() -> None:
     ap.add_argument("--backend", default="hivemind")
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--count", type=int, required=True)
-    ap.add_argument("--job", choices=("average", "diloco"), required=True)
+    ap.add_argument("--job", choices=("average", "diloco", "crash"), required=True)
     ap.add_argument("--peers", nargs="*", default=[])
     ap.add_argument("--numel", type=int, default=1 << 20)
     args = ap.parse_args()
     from lowcomm.p2p import Swarm
 
-    swarm = Swarm.join(args.peers, run_id=f"test-{args.job}", backend=args.backend, window=10.0)
+    swarm = Swarm.join(args.peers, run_id=f"test-{args.job}", backend=args.backend, window=10.0, base_timeout=5.0)
     try:
         if args.rank == 0:
             emit(addrs=swarm.addrs())
         swarm.wait_for_members(args.count, timeout=60)
-        {"average": job_average, "diloco": job_diloco}[args.job](swarm, args)
+        {"average": job_average, "diloco": job_diloco, "crash": job_crash}[args.job](swarm, args)
     finally:
         swarm.close()
     sys.exit(0)

@@ -1,19 +1,33 @@
-"""The swarm over real hivemind daemons on loopback, each node its own process."""
+"""The swarm over real backends on loopback (hivemind's go-libp2p daemon and
+py-libp2p), each node its own process: the two cannot share one."""
 
 import json
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 
 ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = pytest.mark.parametrize("backend", ["hivemind", "libp2p"])
 
 
 def p2pd_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
+
+
+def assert_no_new_daemons(before: set[int], timeout: float = 15) -> None:
+    """Every p2pd started since ``before`` exits within ``timeout`` (a daemon whose
+    node died hard is killed by the node's watchdog, a moment later)."""
+    deadline = time.monotonic() + timeout
+    while not p2pd_pids() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert p2pd_pids() <= before, "a p2pd daemon outlived its node"
 
 
 def run_nodes(job: str, count: int, backend: str = "hivemind", extra=(), timeout: float = 150) -> list[list[dict]]:
@@ -36,12 +50,13 @@ def run_nodes(job: str, count: int, backend: str = "hivemind", extra=(), timeout
                 p.wait()
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert p2pd_pids() <= before, "a p2pd daemon outlived its node"
+    assert_no_new_daemons(before)
     return [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
 
 
-def test_four_peers_average_exactly_with_none_and_within_bound_with_int8_and_pair_up():
-    lines = run_nodes("average", 4)
+@BACKENDS
+def test_four_peers_average_exactly_with_none_and_within_bound_with_int8_and_pair_up(backend):
+    lines = run_nodes("average", 4, backend)
     by_check = {}
     for node in lines:
         for rec in node:
@@ -62,14 +77,26 @@ def test_four_peers_average_exactly_with_none_and_within_bound_with_int8_and_pai
         assert len({r["digest"] for r in pairs if r["me"] in g}) == 1
 
 
-def test_diloco_with_three_peers_trains_and_agrees():
-    lines = run_nodes("diloco", 3)
+@BACKENDS
+def test_diloco_with_three_peers_trains_and_agrees(backend):
+    lines = run_nodes("diloco", 3, backend)
     recs = [node[-1] for node in lines]
     assert all(r["check"] == "diloco" and r["rounds"] == 3 and r["group"] == 3 for r in recs)
     assert all(r["not_averaged"] == 0 for r in recs)
     assert all(r["after"] < r["before"] for r in recs)
     assert len({r["phi"] for r in recs}) == 1  # identical global weights after a round where all took part
     assert len({r["theta"] for r in recs}) == 1
+
+
+@BACKENDS
+def test_a_peer_killed_mid_round_leaves_the_mean_of_the_others(backend):
+    lines = run_nodes("crash", 4, backend)
+    survivors = [node[-1] for node in lines if node and node[-1].get("check") == "crash"]
+    assert len(survivors) == 3
+    for r in survivors:
+        assert r["averaged"] and r["all_shards"] and r["participants"] == 3
+        assert r["max_err"] <= 1e-6
+    assert len({r["digest"] for r in survivors}) == 1
 
 
 def test_interpreter_exit_without_close_stops_the_daemon():
@@ -82,4 +109,4 @@ def test_interpreter_exit_without_close_stops_the_daemon():
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip()) >= 1  # the daemon was running while the node was up
-    assert p2pd_pids() <= before        # and is gone once the interpreter exited
+    assert_no_new_daemons(before)       # and is gone once the interpreter exited
