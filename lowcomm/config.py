@@ -120,6 +120,8 @@ class JoinConfig:
     lr: float = opt(0.0, "Inner learning rate (0: the task's default).")
     batch_size: int = opt(0, "Sequences per step (0: the task's default).")
     seed: int = opt(0, "Seed of the initial weights (the same on every node) and of this node's data order.")
+    backend: str = opt("hivemind", "Network backend: hivemind (go-libp2p daemon) or libp2p (py-libp2p, pure "
+                       "Python). Every node of a swarm uses the same one.")
     listen: str = opt("/ip4/127.0.0.1/tcp/0", "Multiaddr to listen on; /ip4/0.0.0.0/tcp/PORT to accept other "
                       "machines (open that port).")
     announce: str = opt("", "Multiaddr to tell peers, if they must dial another address (NAT, port forwarding).")

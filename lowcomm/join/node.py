@@ -96,6 +96,8 @@ class Node:
     # --- set-up ---
     def _validate(self) -> list[str]:
         cfg = self.cfg
+        if cfg.backend not in ("hivemind", "libp2p"):
+            raise ConfigError("--backend", f"must be hivemind or libp2p, got {cfg.backend!r}")
         if cfg.algorithm not in ("diloco", "streaming", "noloco"):
             raise ConfigError("--algorithm", f"must be diloco, streaming or noloco, got {cfg.algorithm!r}")
         for flag, value in (("--max-steps", cfg.max_steps), ("--sync-every", cfg.sync_every),
@@ -161,14 +163,17 @@ class Node:
 
     def _join_swarm(self, peers: list[str]) -> None:
         from lowcomm.p2p import BootstrapFailed, Swarm, TransportError
+        from lowcomm.p2p.backends import BackendConflict
 
         cfg = self.cfg
         ckpt_dir = self.checkpoint_dir = self._claim_checkpoint_dir()
         identity = cfg.identity or str(ckpt_dir / "identity.key")
         try:
-            self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", listen=[cfg.listen],
-                                    announce=[cfg.announce] if cfg.announce else [], identity_path=identity,
-                                    window=cfg.window)
+            self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", backend=cfg.backend,
+                                    listen=[cfg.listen], announce=[cfg.announce] if cfg.announce else [],
+                                    identity_path=identity, window=cfg.window)
+        except BackendConflict as e:
+            raise ConfigError("--backend", str(e)) from None
         except BootstrapFailed:
             raise ConfigError("--peers", f"could not reach {', '.join(peers)}; check the address and that the "
                                          "port is open") from None
@@ -236,6 +241,7 @@ class Node:
                 if meta.get("hash") != self.hash:
                     raise CheckpointError("settings hash differs")
                 self.opt.load_shared_state_dict(state)
+                self.swarm.forget_rounds()
             except Exception as e:  # try the next peer: this one is gone or sent something unusable
                 self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]", highlight=False)
                 continue
@@ -330,7 +336,8 @@ class Node:
         cfg = self.cfg
         addr = self.swarm.addrs()[0]
         extra = [f"--run-id {cfg.run_id}"] if cfg.run_id != "lowcomm" else []
-        for flag, value, default in (("--task", cfg.task, "tinylm"), ("--data", cfg.data, ""),
+        for flag, value, default in (("--backend", cfg.backend, "hivemind"),
+                                     ("--task", cfg.task, "tinylm"), ("--data", cfg.data, ""),
                                      ("--algorithm", cfg.algorithm, "diloco"), ("--compressor", cfg.compressor, ""),
                                      ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0)):
             if value != default:

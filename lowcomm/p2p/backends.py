@@ -14,7 +14,8 @@ BACKENDS = ("hivemind", "libp2p")
 
 
 class BackendConflict(RuntimeError):
-    """Both real backends were asked for in one process."""
+    """A backend cannot be loaded here: the other one is already loaded in this
+    process, or its package is not installed."""
 
 
 def _loaded(backend: str) -> bool:
@@ -35,7 +36,11 @@ def make_transport(backend: str, *, initial_peers: list[str], listen: list[str],
 
         return HivemindTransport(initial_peers=initial_peers, listen=listen, announce=announce,
                                  identity_path=identity_path)
-    from lowcomm.p2p.libp2p_transport import Libp2pTransport  # pragma: no cover (not built yet)
+    try:
+        from lowcomm.p2p.libp2p_transport import Libp2pTransport
+    except ModuleNotFoundError as e:
+        raise BackendConflict(f"the libp2p backend needs py-libp2p ({e.name} is missing): "
+                              "pip install 'lowcomm[libp2p]'") from None
 
     return Libp2pTransport(initial_peers=initial_peers, listen=listen, announce=announce,
                            identity_path=identity_path)

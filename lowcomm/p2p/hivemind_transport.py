@@ -85,8 +85,11 @@ class HivemindTransport:
         child = getattr(self.p2p, "_child", None)
         self._guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(child.pid)]) if child else None
         try:
+            # a bootstrap peer that is reachable but runs no hivemind DHT (a py-libp2p node) is
+            # tolerated: streams to it still work, only membership records stay local
             self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers or None,
-                                            cache_locally=False, cache_on_store=False)
+                                            cache_locally=False, cache_on_store=False,
+                                            ensure_bootstrap_success=False)
         except BaseException:
             await self.p2p.shutdown()
             raise

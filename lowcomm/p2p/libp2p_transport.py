@@ -36,7 +36,7 @@ import msgpack
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
@@ -50,20 +50,29 @@ _LEN = 8
 PROTOCOL_KV = "/lowcomm/kv/1"
 
 
+# libp2p's PrivateKey protobuf for Ed25519 (KeyType 1) with the 64-byte key the
+# spec and go-libp2p use (seed then public key); py-libp2p writes only the seed
+_ED25519_HEADER = bytes([0x08, 0x01, 0x12, 0x40])
+
+
 def load_identity(path: str | None) -> KeyPair:
     """The key pair in ``path`` (created with a new Ed25519 key if missing)."""
     if path is None:
         return create_new_key_pair()
     file = Path(path)
     if file.exists():
+        data = file.read_bytes()
         try:
-            private = deserialize_private_key(file.read_bytes())
+            if data[:4] == _ED25519_HEADER and len(data) == 68:
+                private = Ed25519PrivateKey.from_bytes(data[4:36])
+            else:
+                private = deserialize_private_key(data)
         except Exception as e:  # the file is not a libp2p private key
             raise TransportError(f"identity file {path} is not a libp2p private key: {e}") from None
         return KeyPair(private, private.get_public_key())
     pair = create_new_key_pair()
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_bytes(pair.private_key.serialize())
+    file.write_bytes(_ED25519_HEADER + pair.private_key.to_bytes()[:32] + pair.public_key.to_bytes())
     return pair
 
 

@@ -223,6 +223,14 @@ class Swarm:
             for k in [k for k, lobby in self._lobbies.items() if lobby.roster is not None and now - lobby.first > 600]:
                 del self._lobbies[k]
 
+    def forget_rounds(self) -> None:
+        """Forget closed rosters and buffered messages, after this node's state
+        moved back to an earlier round (a catch-up): its rounds are run anew."""
+        def forget():
+            self._lobbies.clear()
+            self._inboxes.clear()
+        self.loop.call_soon_threadsafe(forget)
+
     def abort_rounds(self) -> None:
         """Give up every round in flight: their handles return the callers' own
         tensors flagged ``averaged=False`` (reason "round aborted"). Thread-safe."""

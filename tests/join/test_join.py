@@ -90,9 +90,10 @@ def nodes():
     wait_until(lambda: p2pd_pids() <= before, 15, "every p2pd to exit")
 
 
-def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path):
+@pytest.mark.parametrize("backend", ["hivemind", "libp2p"])
+def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path, backend):
     # every node runs in tmp_path with the default checkpoint folder; the joiners run the printed line as is
-    a = nodes("a", *TASK, cwd=tmp_path)
+    a = nodes("a", *TASK, "--backend", backend, cwd=tmp_path)
     join_line = wait_until(lambda: a.grep(r"^lowcomm join --peers "), 60, "the join line")[0]
     b = nodes("b", *pasted(join_line), cwd=tmp_path)
     wait_until(lambda: b.grep("caught up from|^round"), 60, "b to start")
