@@ -16,7 +16,9 @@ How a round ``(key, round)`` goes:
    gets its own tensors back (it takes part from the next round). If the
    leader cannot be reached, the next smallest leads. A peer that cannot be
    reached is not waited for or asked to lead until its membership record
-   could have expired, or until it is heard from again.
+   could have expired, or until it is heard from again. (A leader that dies
+   just as it closes a roster may take some answers with it: those members
+   run the round under the next leader, apart from the others.)
 3. **Groups** are drawn from the roster and the round seed
    (`lowcomm.averaging.draw_groups`), identically on every member.
 4. **Exchange.** Dense codecs: butterfly. Member i sends shard j of its

@@ -52,18 +52,21 @@ def job_average(swarm, args) -> None:
 
 
 def job_crash(swarm, args) -> None:
-    """The last rank dies (no cleanup) after the roster closed, before sending any part;
-    the others must end with the exact mean of their own contributions."""
+    """The peer with the largest id (never the leader) dies, without cleanup, after
+    the roster closed and before sending any part; the others must end with the
+    exact mean of their own contributions."""
     import os
 
     numel = 100_000
-    mine = contribution(args.rank, numel)
-    if args.rank == args.count - 1:
+    members = sorted(swarm.members())
+    me = members.index(swarm.peer_id)
+    mine = contribution(me, numel)
+    if me == len(members) - 1:
         async def die(*a, **k):
             os._exit(0)
         swarm._butterfly = die
     r = swarm.average("crash", [mine], round=0).result()
-    want = torch.stack([contribution(i, numel) for i in range(args.count - 1)]).double().mean(0)
+    want = torch.stack([contribution(i, numel) for i in range(len(members) - 1)]).double().mean(0)
     emit(check="crash", averaged=r.averaged, all_shards=all(r.shards_averaged), participants=len(r.participants),
          max_err=(r.tensors[0].double() - want).abs().max().item(), digest=digest(r.tensors))
 
