@@ -32,6 +32,7 @@ from lowcomm.checkpoint import CheckpointError, load_state, save_state, state_fr
 from lowcomm.compressors import wire_size
 from lowcomm.config import ConfigError, JoinConfig, SimulateConfig
 from lowcomm.join.settings import differences, run_settings, settings_hash
+from lowcomm.sim.report import format_bytes
 from lowcomm.sim.runner import build_optimizer, settings_for
 from lowcomm.tasks import TaskError, load_task
 
@@ -74,13 +75,6 @@ def phi_digest(opt) -> str:
     for t in phis:
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 class Node:
@@ -378,7 +372,7 @@ class Node:
             self.console.print(
                 f"round {swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members} | "
                 f"loss {loss.item():.4f} | {tokens / max(now - t_last, 1e-9):,.0f} tok/s | "
-                f"sent {_fmt_bytes(opt.stats.bytes_sent)} recv {_fmt_bytes(opt.stats.bytes_received)} | "
+                f"sent {format_bytes(opt.stats.bytes_sent)} recv {format_bytes(opt.stats.bytes_received)} | "
                 f"x{ratio:.1f} compression | round {now - t_step:.2f} s | phi {phi_digest(opt)}", highlight=False,
                 soft_wrap=True)
             tokens, t_last = 0, now

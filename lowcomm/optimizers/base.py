@@ -80,6 +80,22 @@ class OuterOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
+    def _inner_step(self, closure=None):
+        """Step the inner optimizer (with gradients enabled for ``closure``) and count it."""
+        with torch.enable_grad():
+            loss = self.inner.step(closure)
+        self.step_count += 1
+        self.stats.inner_steps += 1
+        return loss
+
+    @staticmethod
+    def _evaluate(closure):
+        """Run ``closure`` (forward and backward) with gradients enabled, if given."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def _base_state(self) -> dict:
         return {"inner": self.inner.state_dict(), "stats": asdict(self.stats)}
 

@@ -43,16 +43,11 @@ class DataParallel(OuterOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         result = self._exchange(self._grads(), self.compression)
         for p, g in zip(self.params, result.tensors):
             p.grad = g.to(p.dtype)
-        self.inner.step()
-        self.step_count += 1
-        self.stats.inner_steps += 1
+        self._inner_step()
         return loss
 
     def state_dict(self) -> dict:
@@ -93,10 +88,7 @@ class CompressedDataParallel(DataParallel):
     def step(self, closure=None):
         if not self.momentum_correction:
             return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         for u, v, g in zip(self.u, self.v, self._grads()):
             u.mul_(self.momentum).add_(g)
             v.add_(u)
@@ -107,9 +99,7 @@ class CompressedDataParallel(DataParallel):
             v.sub_(s)
             u.masked_fill_(s != 0, 0.0)  # factor masking
             p.grad = g.to(p.dtype)
-        self.inner.step()
-        self.step_count += 1
-        self.stats.inner_steps += 1
+        self._inner_step()
         return loss
 
     def state_dict(self) -> dict:

@@ -99,10 +99,7 @@ class DiLoCo(OuterOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One inner step; then send fragments that are due and apply means that arrived."""
-        with torch.enable_grad():
-            loss = self.inner.step(closure)
-        self.step_count += 1
-        self.stats.inner_steps += 1
+        loss = self._inner_step(closure)
         for p, offset in enumerate(self.offsets):
             if self.step_count % self.sync_every == offset:
                 self._send(p)

@@ -58,10 +58,7 @@ class NoLoCo(OuterOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        with torch.enable_grad():
-            loss = self.inner.step(closure)
-        self.step_count += 1
-        self.stats.inner_steps += 1
+        loss = self._inner_step(closure)
         if self.step_count % self.sync_every == 0:
             self._sync()
         return loss

@@ -51,7 +51,8 @@ def summarize(runs: list, plan_bandwidth: dict) -> dict:
     return out
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``'1.23 MB'``."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -62,7 +63,7 @@ def table_rows(summary: dict) -> list[list[str]]:
     rows = []
     for alg, s in summary.items():
         ratio = s["bytes_ratio_vs_ddp"]
-        rows.append([alg, f"{s['final_eval_loss']:.4f}", _fmt_bytes(s["bytes_sent_per_worker"]),
+        rows.append([alg, f"{s['final_eval_loss']:.4f}", format_bytes(s["bytes_sent_per_worker"]),
                      f"{ratio:.1f}x" if ratio else "-", f"{s['predicted_wall_clock_s']:.1f} s",
                      f"{s['compute_utilization']:.3f}"])
     return rows
