@@ -65,6 +65,18 @@ from lowcomm.p2p.transport import PeerUnreachable, Transport
 log = logging.getLogger("lowcomm.p2p")
 
 
+class _ClosedLoopChildFilter(logging.Filter):
+    """A daemon that exits after its swarm's loop closed (a failed start) makes
+    asyncio's child watcher warn "Loop ... that handles pid N is closed": the
+    process is already gone and nothing is lost, so the line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "that handles pid" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_ClosedLoopChildFilter())
+
+
 @dataclass
 class _Lobby:
     """The leader's view of one (key, round)."""
