@@ -85,6 +85,8 @@ def nodes():
     finally:
         for n in made:
             n.kill()
+            print(f"--- {n.name} (last lines; pytest shows them when the test fails) ---")
+            print("\n".join(line[:160] for line in n.lines[-15:]))
             if os.environ.get("JOIN_TEST_LOGS"):
                 Path(os.environ["JOIN_TEST_LOGS"], f"{n.name}.log").write_text("\n".join(n.lines))
     wait_until(lambda: p2pd_pids() <= before, 15, "every p2pd to exit")
@@ -108,14 +110,14 @@ def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path, ba
                "a and b to keep training without c")
 
     c2 = nodes("c2", *pasted(join_line), cwd=tmp_path)  # takes over the dead node's folder and identity
-    wait_until(lambda: c2.grep("caught up from"), 90, "the restarted node to catch up")
+    wait_until(lambda: c2.grep("caught up from"), 120, "the restarted node to catch up")
 
     def agreed():  # swarm rounds (same step on every node) where all three took part and hold one phi
         by_round = [{r[0]: r[4] for r in n.rounds() if r[2] == 3} for n in (a, b, c2)]
         common = set(by_round[0]) & set(by_round[1]) & set(by_round[2])
         return [r for r in sorted(common) if len({d[r] for d in by_round}) == 1]
 
-    rounds = wait_until(agreed, 90, "a full round after the restart with identical global weights")
+    rounds = wait_until(agreed, 180, "a full round after the restart with identical global weights")
     assert rounds
 
     for n in (a, b, c2):
