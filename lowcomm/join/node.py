@@ -3,7 +3,7 @@
     lowcomm join                                   # start a swarm; prints the line for others
     lowcomm join --peers /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...
 
-A node builds the task's model, joins the swarm (hivemind backend), checks
+A node builds the task's model, joins the swarm (`--backend`: hivemind or libp2p), checks
 with its bootstrap peers that they run the same settings, then takes the
 latest state: from a peer that is further along (global weights, outer
 optimizer state, round and step), or from its own checkpoint, or fresh. It
