@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union
+from typing import Iterable, Protocol, Sequence, Union
 
 import torch
 
@@ -130,6 +130,17 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
         out.append(vector[start:start + t.numel()].view(t.shape).to(t.dtype))
         start += t.numel()
     return out
+
+
+def weighted_mean(parts: Iterable[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """``sum_i w_i v_i / sum_i w_i`` in fp32, accumulated in the order given
+    (the weights of those present are renormalised)."""
+    parts = list(parts)
+    total = sum(w for w, _ in parts)
+    acc = torch.zeros_like(parts[0][1], dtype=torch.float32)
+    for w, v in parts:
+        acc.add_(v, alpha=w / total)
+    return acc
 
 
 def shard_bounds(numel: int, parts: int) -> list[tuple[int, int]]:

@@ -221,11 +221,10 @@ class Node:
         self._state_blob = state_to_bytes(self.opt.shared_state_dict(),
                                           {"hash": self.hash, "step": self.opt.step_count})
 
-    def catch_up(self) -> bool:
-        """Take the shared state of the first live peer that serves a valid one."""
-        others = [m for m in self.swarm.members() if m != self.swarm.peer_id]
+    def _fetch_state(self) -> tuple[str, dict, dict] | None:
+        """(peer, shared state, meta) from the first live peer that serves a valid one."""
         request = msgpack.packb({"hash": self.hash})
-        for peer in others:
+        for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
             try:
                 blob = self.swarm._call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=120),
                                         timeout=130)
@@ -234,14 +233,25 @@ class Node:
                 state, meta = state_from_bytes(blob)
                 if meta.get("hash") != self.hash:
                     raise CheckpointError("settings hash differs")
-                self.opt.load_shared_state_dict(state)
-                self.swarm.forget_rounds()
+                return peer, state, meta
             except Exception as e:  # try the next peer: this one is gone or sent something unusable
                 self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]", highlight=False)
-                continue
-            self.console.print(f"caught up from {peer[:16]}… at step {self.opt.step_count}", highlight=False)
-            return True
-        return False
+        return None
+
+    def catch_up(self, fetched: tuple[str, dict, dict] | None = None) -> bool:
+        """Adopt a peer's shared state (``fetched``, or fetched now from the first peer that serves one)."""
+        fetched = fetched or self._fetch_state()
+        if fetched is None:
+            return False
+        peer, state, _ = fetched
+        try:
+            self.opt.load_shared_state_dict(state)
+        except ValueError as e:
+            self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]", highlight=False)
+            return False
+        self.swarm.forget_rounds()
+        self.console.print(f"caught up from {peer[:16]}… at step {self.opt.step_count}", highlight=False)
+        return True
 
     def _checkpoint_path(self) -> Path:
         return self.checkpoint_dir / CHECKPOINT
@@ -312,19 +322,9 @@ class Node:
             except TimeoutError:
                 self.console.print("[yellow]no other member visible yet; starting on my own[/]")
                 return
-            theirs = self._peer_step()
-            if ckpt_step is None or (theirs is not None and theirs > ckpt_step):
-                self.catch_up()
-
-    def _peer_step(self) -> int | None:
-        request = msgpack.packb({"hash": self.hash})
-        for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
-            try:
-                blob = self.swarm._call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=60), 70)
-                return int(state_from_bytes(blob)[1]["step"]) if blob else None
-            except Exception:  # that peer cannot tell; ask the next
-                continue
-        return None
+            fetched = self._fetch_state()  # one download: its step decides, and it is what we load
+            if fetched is not None and (ckpt_step is None or int(fetched[2]["step"]) > ckpt_step):
+                self.catch_up(fetched)
 
     def _print_join_line(self) -> None:
         cfg = self.cfg

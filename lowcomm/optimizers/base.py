@@ -97,11 +97,15 @@ class OuterOptimizer(torch.optim.Optimizer):
             return closure()
 
     def _base_state(self) -> dict:
-        return {"inner": self.inner.state_dict(), "stats": asdict(self.stats)}
+        """Inner optimizer, stats and error-feedback residuals (``self.compression``)."""
+        ef = self.compression.state_dict() if isinstance(self.compression, ErrorFeedback) else None
+        return {"inner": self.inner.state_dict(), "stats": asdict(self.stats), "error_feedback": ef}
 
     def _load_base_state(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
         self.stats = Stats(**state["stats"])
+        if isinstance(self.compression, ErrorFeedback):
+            self.compression.load_state_dict(state["error_feedback"] or {})
 
 
 def _block_of(name: str) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lowcomm.averaging import Averager, unflatten
-from lowcomm.compressors import Compressor, ErrorFeedback
+from lowcomm.compressors import Compressor
 from lowcomm.optimizers.base import OuterOptimizer, Params, make_compression
 
 
@@ -51,15 +51,11 @@ class DataParallel(OuterOptimizer):
         return loss
 
     def state_dict(self) -> dict:
-        return {**self._base_state(), "step": self.step_count,
-                "error_feedback": self.compression.state_dict()
-                if isinstance(self.compression, ErrorFeedback) else None}
+        return {**self._base_state(), "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
         self._load_base_state(state)
         self.step_count = state["step"]
-        if isinstance(self.compression, ErrorFeedback):
-            self.compression.load_state_dict(state["error_feedback"] or {})
 
 
 class CompressedDataParallel(DataParallel):

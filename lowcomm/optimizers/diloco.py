@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lowcomm.averaging import AverageHandle, AverageResult, Averager, DoneHandle, check_group_size
-from lowcomm.compressors import Compressor, ErrorFeedback
+from lowcomm.compressors import Compressor
 from lowcomm.optimizers.base import (
     OuterOptimizer, Params, fragment_indices, make_compression, named_params, units,
 )
@@ -144,9 +144,7 @@ class DiLoCo(OuterOptimizer):
                              "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received})
         return {**self._base_state(), "step": self.step_count, "rounds": list(self.rounds),
                 "phi": [[t.clone() for t in phi] for phi in self.phi],
-                "outer": [o.state_dict() for o in self.outer], "inflight": inflight,
-                "error_feedback": self.compression.state_dict()
-                if isinstance(self.compression, ErrorFeedback) else None}
+                "outer": [o.state_dict() for o in self.outer], "inflight": inflight}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["phi"]) != self.fragments or any(
@@ -164,8 +162,6 @@ class DiLoCo(OuterOptimizer):
         self.inflight = [_InFlight(e["fragment"], e["apply_at"], DoneHandle(AverageResult(
             e["tensors"], e["averaged"], e["participants"], e["bytes_sent"], e["bytes_received"])))
             for e in state["inflight"]]
-        if isinstance(self.compression, ErrorFeedback):
-            self.compression.load_state_dict(state["error_feedback"] or {})
 
 
     def shared_state_dict(self) -> dict:

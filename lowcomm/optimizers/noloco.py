@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lowcomm.averaging import Averager, check_group_size
-from lowcomm.compressors import Compressor, ErrorFeedback
+from lowcomm.compressors import Compressor
 from lowcomm.optimizers.base import OuterOptimizer, Params, make_compression
 from lowcomm.optimizers.diloco import _check_positive_int
 
@@ -94,9 +94,7 @@ class NoLoCo(OuterOptimizer):
 
     def state_dict(self) -> dict:
         return {**self._base_state(), "step": self.step_count, "round": self.round,
-                "phi": [t.clone() for t in self.phi], "momentum": [t.clone() for t in self.momentum],
-                "error_feedback": self.compression.state_dict()
-                if isinstance(self.compression, ErrorFeedback) else None}
+                "phi": [t.clone() for t in self.phi], "momentum": [t.clone() for t in self.momentum]}
 
     def load_state_dict(self, state: dict) -> None:
         if [t.shape for t in state["phi"]] != [t.shape for t in self.phi]:
@@ -105,5 +103,3 @@ class NoLoCo(OuterOptimizer):
         self.step_count, self.round = state["step"], state["round"]
         for mine, saved in zip(self.phi + self.momentum, state["phi"] + state["momentum"]):
             mine.copy_(saved)
-        if isinstance(self.compression, ErrorFeedback):
-            self.compression.load_state_dict(state["error_feedback"] or {})

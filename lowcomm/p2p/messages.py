@@ -10,7 +10,6 @@ from lowcomm.compressors import MAX_BLOB_BYTES, WireFormatError
 
 PROTOCOL_JOIN = "/lowcomm/join/1"
 PROTOCOL_PART = "/lowcomm/part/1"
-PROTOCOL_STATE = "/lowcomm/state/1"
 
 _SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "join": {"run": str, "key": str, "round": int, "group_size": int, "weight": float},

@@ -57,8 +57,11 @@ import torch
 
 from lowcomm.averaging import (
     AverageResult, Compression, check_group_size, draw_groups, flatten, group_seed, shard_bounds, unflatten,
+    weighted_mean,
 )
-from lowcomm.compressors import Compressor, ErrorFeedback, WireFormatError, decode, encode, get_compressor
+from lowcomm.compressors import (
+    Compressor, ErrorFeedback, WireFormatError, decode, decompress, encode, get_compressor,
+)
 from lowcomm.p2p import messages
 from lowcomm.p2p.transport import PeerUnreachable, Transport
 
@@ -445,12 +448,27 @@ class Swarm:
             payload = decode(msg["blob"])
             if payload.numel != numel:
                 raise WireFormatError(f"payload has {payload.numel} values, expected {numel}")
-            from lowcomm.compressors import decompress
-
             return decompress(payload).to(torch.float32).reshape(-1)
         except WireFormatError as e:
             log.warning("dropping %s's %s payload: %s", sender, msg["phase"], e)
             return None
+
+    async def _accept(self, got: dict, numel: int, parts: dict) -> dict:
+        """Add the valid payloads of ``got`` to ``parts`` (sender -> (weight, values));
+        invalid ones and non-positive weights are left out."""
+        decoded = await asyncio.gather(*(self._run(self._decode, msg, numel, sender)
+                                         for (_, _, sender), msg in got.items()))
+        for ((_, _, sender), msg), value in zip(got.items(), decoded):
+            if value is not None and msg["weight"] > 0:
+                parts[sender] = (msg["weight"], value)
+        return parts
+
+    @staticmethod
+    def _reduce(codec: Compressor, parts: dict) -> tuple[bytes, torch.Tensor]:
+        """The weighted mean of ``parts``, compressed once: (blob, what it decompresses to)."""
+        reducer = type(codec)(**codec.options())
+        payload = reducer.compress(weighted_mean(parts.values()))
+        return encode(payload), reducer.decompress(payload).float()
 
     async def _run(self, fn, *args):
         return await self.loop.run_in_executor(None, fn, *args)
@@ -478,25 +496,10 @@ class Swarm:
         got = await self._collect(key, round, {("part", me, g) for g in group if g != self.peer_id},
                                   start + timeout)
         received = sum(m["size"] for m in got.values())
-        parts = {self.peer_id: (weight, mine[me])}
-        decoded = await asyncio.gather(*(self._run(self._decode, msg, hi - lo, sender)
-                                         for (_, _, sender), msg in got.items()))
-        for ((_, _, sender), msg), value in zip(got.items(), decoded):
-            if value is not None and msg["weight"] > 0:
-                parts[sender] = (msg["weight"], value)
+        parts = await self._accept(got, hi - lo, {self.peer_id: (weight, mine[me])})
         contributors = sorted(parts)
-
-        def reduce():
-            total = sum(w for w, _ in parts.values())
-            acc = torch.zeros(hi - lo)
-            for w, v in parts.values():
-                acc.add_(v, alpha=w / total)
-            reducer = type(codec)(**codec.options())
-            payload = reducer.compress(acc)
-            return encode(payload), reducer.decompress(payload).float()
-
         t1 = time.monotonic()
-        mean_blob, mean = await self._run(reduce)
+        mean_blob, mean = await self._run(self._reduce, codec, parts)
         t2 = time.monotonic()
         sent2 = await asyncio.gather(*(self._send(g, key, round, "mean", me, weight, contributors, mean_blob,
                                                   timeout) for g in group if g != self.peer_id))
@@ -556,17 +559,8 @@ class Swarm:
         a, b = bounds[j]
         expected = {("bpart", j, g) for g in alive if g not in (self.peer_id, group[j])}
         got = await self._collect(key, round, expected, start + 3 * timeout)
-        parts = {self.peer_id: (weight, own)}
-        for (_, _, sender), msg in got.items():
-            value = self._decode(msg, b - a, sender)
-            if value is not None and msg["weight"] > 0:
-                parts[sender] = (msg["weight"], value)
-        total = sum(w for w, _ in parts.values())
-        acc = torch.zeros(b - a)
-        for w, v in parts.values():
-            acc.add_(v, alpha=w / total)
-        reducer = type(codec)(**codec.options())
-        blob = encode(reducer.compress(acc))
+        parts = await self._accept(got, b - a, {self.peer_id: (weight, own)})
+        blob, _ = await self._run(self._reduce, codec, parts)
         contributors = sorted(parts)
         sent = await asyncio.gather(*(self._send(g, key, round, "bmean", j, weight, contributors, blob, timeout)
                                       for g in parts if g != self.peer_id))
@@ -584,15 +578,8 @@ class Swarm:
                                       for g in group if g != self.peer_id))
         got = await self._collect(key, round, {("full", 0, g) for g in group if g != self.peer_id},
                                   start + timeout)
-        parts = {self.peer_id: (weight, mine)}
-        for (_, _, sender), msg in got.items():
-            value = self._decode(msg, x.numel(), sender)
-            if value is not None and msg["weight"] > 0:
-                parts[sender] = (msg["weight"], value)
-        total = sum(w for w, _ in parts.values())
-        out = torch.zeros_like(mine)
-        for w, v in parts.values():
-            out.add_(v, alpha=w / total)
+        parts = await self._accept(got, x.numel(), {self.peer_id: (weight, mine)})
+        out = weighted_mean(parts.values())
         return AverageResult(unflatten(out, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
                              bytes_received=sum(m["size"] for m in got.values()), sent=[mine])
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowcomm.averaging import AverageResult, Compression, shard_bounds, unflatten
+from lowcomm.averaging import AverageResult, Compression, shard_bounds, unflatten, weighted_mean
 from lowcomm.compressors import Compressor, ErrorFeedback, encode, get_compressor
 
 
@@ -66,15 +66,9 @@ def exchange(group: list[Contribution]) -> list[AverageResult]:
     return results
 
 
-def _weights(group: list[Contribution]) -> list[float]:
-    total = sum(c.weight for c in group)
-    return [c.weight / total for c in group]
-
-
 def _butterfly(group: list[Contribution]) -> list[AverageResult]:
     n = len(group)
     bounds = shard_bounds(group[0].vector.numel(), n)
-    weights = _weights(group)
     # phase 1: decoded[i][j] is member i's shard j as reducer j receives it
     decoded, size = [[None] * n for _ in range(n)], [[0] * n for _ in range(n)]
     for i, c in enumerate(group):
@@ -84,9 +78,7 @@ def _butterfly(group: list[Contribution]) -> list[AverageResult]:
     # phase 2: reducer j averages shard j in fp32 and sends the compressed mean to all
     means, mean_size = [], []
     for j in range(n):
-        acc = torch.zeros_like(decoded[0][j])
-        for i in range(n):
-            acc.add_(decoded[i][j], alpha=weights[i])
+        acc = weighted_mean((c.weight, decoded[i][j]) for i, c in enumerate(group))
         reducer_codec = codec_of(group[j].compression)
         mean, nbytes = _roundtrip(type(reducer_codec)(**reducer_codec.options()), acc)
         means.append(mean)
@@ -104,11 +96,8 @@ def _butterfly(group: list[Contribution]) -> list[AverageResult]:
 
 def _all_gather(group: list[Contribution]) -> list[AverageResult]:
     n = len(group)
-    weights = _weights(group)
     decoded, size = zip(*(_roundtrip(codec_of(c.compression), c.vector) for c in group))
-    vector = torch.zeros_like(decoded[0])
-    for w, d in zip(weights, decoded):
-        vector.add_(d, alpha=w)
+    vector = weighted_mean((c.weight, d) for c, d in zip(group, decoded))
     results = []
     for i, c in enumerate(group):
         phase = ((n - 1) * size[i], sum(size) - size[i])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lowcomm.averaging import AverageResult
 
@@ -154,10 +154,8 @@ class TimedAverager:
     inner: object
     model: NetworkModel
     peer_id: str
-    calls: int = field(default=0)
 
     def average(self, key, tensors, *, round, **kwargs):
         self.model.sent(self.peer_id, key, round)
-        self.calls += 1
         return _TimedHandle(self.inner.average(key, tensors, round=round, **kwargs), self.model, self.peer_id,
                             key, round)
