@@ -1,9 +1,11 @@
 """Swarm averaging throughput over real daemons on loopback.
 
     python scripts/bench_swarm.py                    # 4 peers, 25M floats each, hivemind
-    python scripts/bench_swarm.py --numel 5000000 --rounds 2
+    python scripts/bench_swarm.py --numel 5000000 --rounds 2 --codecs none int8
+    python scripts/bench_swarm.py --backend libp2p
 
-Starts one process per peer. Each round averages ``numel`` fp32 values per
+Starts one process per peer (torch gets cores / peers threads in each, as if
+every peer had its own machine). Each round averages ``numel`` fp32 values per
 peer with `none`, `int8`, `fp4` and `sign`. Two references are measured in
 the same run over raw streams of the same transport (length-prefixed bytes,
 no swarm protocol): peer 0 alone sending 4 * numel bytes to peer 1, and every
@@ -12,7 +14,9 @@ peer at once sending 1.5 * 4 * numel bytes split over the others (the bytes a
 peer sent, goodput (those bytes per second), goodput as a ratio to each
 reference, and fp32 values averaged per second. On loopback every peer shares
 the same cores, so the concurrent reference is the fair one for the protocol's
-overhead; the single stream shows what one link carries.
+overhead; the single stream shows what one link carries, and the ratio of the
+two references is the most any protocol could reach against the single stream
+on this machine.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def node(args) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.count))  # each peer its share of the cores
     from lowcomm.compressors import get_compressor
     from lowcomm.p2p import Swarm
 
@@ -55,7 +60,7 @@ def node(args) -> None:
                 return b"ok"
             await swarm.transport.serve("/lowcomm-bench/raw/1", sink)
 
-        swarm._call(serve_raw(), 30)
+        swarm.call(serve_raw(), 30)
         # everyone is serving before anyone measures: a round of averaging as a barrier
         swarm.average("barrier", [torch.zeros(1)], round=0).result()
         if args.rank == 0:
@@ -63,7 +68,7 @@ def node(args) -> None:
             times = []
             for _ in range(args.rounds):
                 t0 = time.perf_counter()
-                swarm._call(swarm.transport.request(target, "/lowcomm-bench/raw/1", blob, timeout=600), 700)
+                swarm.call(swarm.transport.request(target, "/lowcomm-bench/raw/1", blob, timeout=600), 700)
                 times.append(time.perf_counter() - t0)
             print(json.dumps({"raw_s": min(times), "raw_bytes": len(blob)}), flush=True)
         swarm.average("barrier", [torch.zeros(1)], round=1).result()
@@ -78,14 +83,14 @@ def node(args) -> None:
         for r in range(args.rounds):
             swarm.average("barrier", [torch.zeros(1)], round=2 + r).result()
             t0 = time.perf_counter()
-            swarm._call(all_to_all(), 700)
+            swarm.call(all_to_all(), 700)
             times.append(time.perf_counter() - t0)
         if args.rank == 0:
             print(json.dumps({"concurrent_s": min(times), "concurrent_bytes": len(share) * (args.count - 1)}),
                   flush=True)
         swarm.average("barrier", [torch.zeros(1)], round=99).result()
         x = torch.randn(args.numel, generator=torch.Generator().manual_seed(args.rank))
-        for codec in CODECS:
+        for codec in args.codecs:
             best = None
             for r in range(args.rounds):
                 t0 = time.perf_counter()
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--peers-count", dest="count", type=int, default=4)
     ap.add_argument("--numel", type=int, default=25_000_000)
     ap.add_argument("--rounds", type=int, default=2, help="rounds per codec, best kept [2]")
+    ap.add_argument("--codecs", nargs="+", default=list(CODECS), help=f"codecs to time [{' '.join(CODECS)}]")
     ap.add_argument("--verbose", action="store_true", help="peer 0 logs each phase of each round to stderr")
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -116,7 +122,8 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, __file__, "--backend", args.backend, "--peers-count", str(args.count),
-            "--numel", str(args.numel), "--rounds", str(args.rounds)] + (["--verbose"] if args.verbose else [])
+            "--numel", str(args.numel), "--rounds", str(args.rounds), "--codecs", *args.codecs]
+    base += ["--verbose"] if args.verbose else []
     procs = [subprocess.Popen([*base, "--rank", "0"], stdout=subprocess.PIPE, text=True, env=env)]  # stderr shown
     try:
         addrs = json.loads(procs[0].stdout.readline())["addrs"]
@@ -138,7 +145,8 @@ def main() -> None:
     print(f"raw stream, peer 0 -> peer 1: {raw['raw_bytes'] / 1e6:.1f} MB in {raw['raw_s']:.3f} s = "
           f"{raw_rate / 1e6:.1f} MB/s")
     print(f"raw streams, all peers at once: {conc['concurrent_bytes'] / 1e6:.1f} MB sent per peer in "
-          f"{conc['concurrent_s']:.3f} s = {conc_rate / 1e6:.1f} MB/s per peer")
+          f"{conc['concurrent_s']:.3f} s = {conc_rate / 1e6:.1f} MB/s per peer "
+          f"({conc_rate / raw_rate:.2f}x the single stream: the ceiling for any protocol's ratio to it here)")
     print("| codec | s / round | MB sent / peer | goodput MB/s | / single stream | / concurrent streams "
           "| values averaged / s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

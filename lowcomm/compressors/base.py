@@ -26,11 +26,32 @@ class Compressor(ABC):
     name: ClassVar[str]
     #: Sparse codecs are averaged by all-gather; dense ones by reduce-scatter.
     sparse: ClassVar[bool] = False
+    #: Exact codecs decompress fp32 input to itself, bit for bit (only ``none``).
+    exact: ClassVar[bool] = False
 
     @abstractmethod
     def compress(self, x: torch.Tensor) -> Payload:
         """Compress ``x`` (fp32, fp16 or bf16, any shape). ``x`` must be finite:
         a non-finite input gives a payload that `decode` rejects."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a codec changes as it compresses (``randk``'s seed stream), so that
+        a resumed run compresses exactly as an uninterrupted one. Most have none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"the {self.name!r} codec keeps no state, got {sorted(state)}")
+
+    @classmethod
+    def decompress_payload_into(cls, payload: Payload, out: torch.Tensor) -> None:
+        """Decompress into the 1-D tensor ``out`` (see `decompress_into`)."""
+        out.copy_(cls.decompress_payload(payload).reshape(-1))
+
+    def compress_owned(self, x: torch.Tensor) -> Payload:
+        """`compress` for a tensor nobody writes to again: the payload may share
+        its memory (``none`` then copies nothing)."""
+        return self.compress(x)
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         """The tensor ``payload`` stands for, in its original dtype and shape."""
@@ -107,6 +128,16 @@ def decompress(payload: Payload) -> torch.Tensor:
     return codec_class(payload.codec).decompress_payload(payload)
 
 
+def decompress_into(payload: Payload, out: torch.Tensor) -> None:
+    """Write the values ``payload`` stands for into ``out`` (a tensor of ``payload.numel``
+    values, any shape), converting to ``out``'s dtype: no intermediate tensor where the
+    codec allows it (``none``, ``fp16``, ``bf16``)."""
+    if out.numel() != payload.numel or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of {payload.numel} values, got {out.numel()} values "
+                         f"(contiguous: {out.is_contiguous()})")
+    codec_class(payload.codec).decompress_payload_into(payload, out.view(-1))
+
+
 def flat_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous 1-D fp32 tensor (no copy when it already is one)."""
     if x.dtype not in FLOAT_DTYPES.values():
@@ -144,5 +175,5 @@ def require_keys(options: dict, keys: set[str]) -> None:
 
 
 def require_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and not torch.isfinite(t).all():
+    if t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():  # one pass, no mask; NaN propagates
         raise WireFormatError(f"buffer {name!r} holds non-finite values (NaN or inf)")

@@ -14,19 +14,27 @@ class _Cast(Compressor):
     wire_dtype: str
 
     def compress(self, x: torch.Tensor) -> Payload:
+        payload = self.compress_owned(x)
+        values = payload.buffers["values"]
+        if values.data_ptr() == x.data_ptr():
+            payload.buffers["values"] = values.clone()  # a payload never aliases the caller's tensor
+        return payload
+
+    def compress_owned(self, x: torch.Tensor) -> Payload:
         wire = BUFFER_DTYPES[self.wire_dtype]
         values = x.detach().reshape(-1)
         if values.dtype not in FLOAT_DTYPES.values():
             values = flat_fp32(values)  # raises the dtype error
-        values = values.to(wire).contiguous()
-        if values.data_ptr() == x.data_ptr():
-            values = values.clone()  # a payload never aliases the caller's tensor
-        return new_payload(self.name, {}, x, values=values)
+        return new_payload(self.name, {}, x, values=values.to(wire).contiguous())
 
     @classmethod
     def decompress_payload(cls, payload: Payload) -> torch.Tensor:
         values = payload.buffers["values"].to(FLOAT_DTYPES[payload.dtype], copy=True)
         return values.reshape(payload.shape)  # a fresh tensor: never aliases the payload
+
+    @classmethod
+    def decompress_payload_into(cls, payload: Payload, out: torch.Tensor) -> None:
+        out.copy_(payload.buffers["values"])
 
     def options(self) -> dict:
         return {}
@@ -50,6 +58,7 @@ class NoCompression(_Cast):
 
     name = "none"
     wire_dtype = "float32"
+    exact = True
 
 
 @register

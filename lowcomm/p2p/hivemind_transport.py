@@ -22,7 +22,9 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.timed_storage import get_dht_time
 
 from lowcomm.compressors import MAX_BLOB_BYTES
-from lowcomm.p2p.transport import BootstrapFailed, Handler, PeerUnreachable, TransportError
+from lowcomm.p2p.transport import (
+    BootstrapFailed, Handler, Message, PeerUnreachable, TransportError, chunks, segments,
+)
 
 log = logging.getLogger("lowcomm.p2p.hivemind")
 logging.getLogger("hivemind").setLevel(logging.WARNING)  # its INFO lines ("Generating new identity") are noise here
@@ -49,9 +51,13 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
-def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
-    writer.write(len(data).to_bytes(_LEN, "big"))
-    writer.write(data)  # two writes: no copy of a large payload
+async def _write_frame(writer: asyncio.StreamWriter, data: Message) -> None:
+    """Length, then the bytes in pieces, waiting for each to drain: the stream's
+    buffer stays small instead of holding a copy of a large payload."""
+    writer.write(sum(len(s) for s in segments(data)).to_bytes(_LEN, "big"))
+    for piece in chunks(data):
+        writer.write(piece)
+        await writer.drain()
 
 
 class HivemindTransport:
@@ -120,8 +126,7 @@ class HivemindTransport:
             try:
                 request = await _read_frame(reader)
                 response = await handler(str(ctx.peer_id), request)
-                _write_frame(writer, response)
-                await writer.drain()
+                await _write_frame(writer, response)
             except asyncio.CancelledError:  # shutting down: drop the stream quietly
                 pass
             except Exception as e:  # a bad request is that peer's problem: close its stream
@@ -131,15 +136,14 @@ class HivemindTransport:
 
         await self.p2p.add_binary_stream_handler(protocol, on_stream)
 
-    async def request(self, peer: str, protocol: str, data: bytes, timeout: float) -> bytes:
+    async def request(self, peer: str, protocol: str, data: Message, timeout: float) -> bytes:
         if self.p2p is None:
             raise TransportError("transport not started")
 
         async def exchange() -> bytes:
             _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
             try:
-                _write_frame(writer, data)
-                await writer.drain()
+                await _write_frame(writer, data)
                 return await _read_frame(reader)
             finally:
                 writer.close()

@@ -43,7 +43,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from lowcomm.compressors import MAX_BLOB_BYTES
-from lowcomm.p2p.transport import BootstrapFailed, Handler, PeerUnreachable, TransportError
+from lowcomm.p2p.transport import (
+    BootstrapFailed, Handler, Message, PeerUnreachable, TransportError, chunks, segments,
+)
 
 log = logging.getLogger("lowcomm.p2p.libp2p")
 _LEN = 8
@@ -94,9 +96,10 @@ async def _read_frame(stream) -> bytes:
     return await _read_exactly(stream, size)
 
 
-async def _write_frame(stream, data: bytes) -> None:
-    await stream.write(len(data).to_bytes(_LEN, "big"))
-    await stream.write(data)
+async def _write_frame(stream, data: Message) -> None:
+    await stream.write(sum(len(s) for s in segments(data)).to_bytes(_LEN, "big"))
+    for piece in chunks(data):
+        await stream.write(bytes(piece))  # py-libp2p's muxers want bytes
 
 
 class Libp2pTransport:
@@ -196,7 +199,7 @@ class Libp2pTransport:
                     pass
         return handle
 
-    async def request(self, peer: str, protocol: str, data: bytes, timeout: float) -> bytes:
+    async def request(self, peer: str, protocol: str, data: Message, timeout: float) -> bytes:
         if self._token is None:
             raise TransportError("transport not started")
 
@@ -210,7 +213,7 @@ class Libp2pTransport:
         except trio.RunFinishedError:
             raise TransportError("transport stopped") from None
 
-    async def _trio_request(self, peer: str, protocol: str, data: bytes, timeout: float) -> bytes:
+    async def _trio_request(self, peer: str, protocol: str, data: Message, timeout: float) -> bytes:
         with trio.fail_after(timeout):
             try:
                 pid = ID.from_base58(peer)

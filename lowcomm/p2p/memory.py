@@ -5,6 +5,9 @@ the target's handler on the target's event loop. Faults are set on the
 network and apply to messages sent from then on:
 
 - ``delay``: seconds added to every request (on the sender's side);
+- ``bandwidth``: bits/s of every node's uplink, shared by its requests in
+  flight: a request of n bytes ends n * 8 / bandwidth seconds after the
+  uplink is free (None: instant);
 - ``drop(peer)``: requests from ``peer`` fail with `PeerUnreachable`;
 - ``crash(peer, after=n)``: the peer sends ``n`` more requests, then is gone
   (its requests and requests to it fail); ``after=0``: gone now;
@@ -19,14 +22,15 @@ import asyncio
 import time
 from typing import Callable
 
-from lowcomm.p2p.transport import Handler, PeerUnreachable, TransportError
+from lowcomm.p2p.transport import Handler, Message, PeerUnreachable, TransportError, segments
 
 
 class MemoryNetwork:
     """The shared medium of a set of `MemoryTransport`s."""
 
-    def __init__(self, delay: float = 0.0, clock: Callable[[], float] = time.monotonic):
-        self.delay = delay
+    def __init__(self, delay: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 bandwidth: float | None = None):
+        self.delay, self.bandwidth = delay, bandwidth
         self.clock = clock
         self.nodes: dict[str, MemoryTransport] = {}
         self.store: dict[str, dict[str, tuple[bytes, float]]] = {}
@@ -70,6 +74,7 @@ class MemoryTransport:
         self.network, self.peer_id = network, peer_id
         self._handlers: dict[str, Handler] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._uplink_free = 0.0  # loop time at which the uplink has sent everything queued
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -85,12 +90,16 @@ class MemoryTransport:
     async def serve(self, protocol: str, handler: Handler) -> None:
         self._handlers[protocol] = handler
 
-    async def request(self, peer: str, protocol: str, data: bytes, timeout: float) -> bytes:
+    async def request(self, peer: str, protocol: str, data: Message, timeout: float) -> bytes:
         if self._loop is None:
             raise TransportError("transport not started")
-        data = self.network._outgoing(self.peer_id, data)
+        data = self.network._outgoing(self.peer_id, b"".join(segments(data)))
         if self.network.delay:
             await asyncio.sleep(self.network.delay)
+        if self.network.bandwidth:
+            now = self._loop.time()
+            self._uplink_free = max(now, self._uplink_free) + len(data) * 8 / self.network.bandwidth
+            await asyncio.sleep(self._uplink_free - now)
         target = self.network.nodes.get(peer)
         if target is None or target._loop is None or peer in self.network.crashed:
             raise PeerUnreachable(f"no peer {peer}")

@@ -30,9 +30,16 @@ How a round ``(key, round)`` goes:
    (``shards_averaged`` says which). Sparse
    codecs: all-gather of whole payloads. Payloads are validated with
    `decode`; a peer whose payload is invalid is left out and logged.
-5. **Deadlines** come from the payload size and an assumed bandwidth
-   (``bandwidth``, default 100 Mbit/s, with a 4x margin) plus ``base_timeout``,
-   so the defaults hold on loopback and on 100 Mbit/s links.
+5. **Deadlines** come from the payload size and a bandwidth: each phase gets
+   ``base_timeout`` plus 4x the time the whole payload takes at the slowest of
+   this node's measured upload rate and the rates the group's members publish
+   in their membership records (never below ``min_bandwidth``). Until a node
+   has measured anything it assumes ``bandwidth`` (100 Mbit/s), so the
+   defaults hold on loopback and on 100 Mbit/s links, and a slower link
+   lengthens every deadline after its first round. A node measures its rate
+   on every phase that sends at least `MEASURE_BYTES` (bytes sent over the
+   phase's wall time, the sends in flight together) and keeps a moving
+   average (`bandwidth_estimate`).
 
 The swarm runs its own asyncio loop in a daemon thread; `average` returns at
 once. `close` (also on context exit and at interpreter exit) stops the
@@ -60,7 +67,8 @@ from lowcomm.averaging import (
     weighted_mean,
 )
 from lowcomm.compressors import (
-    Compressor, ErrorFeedback, WireFormatError, decode, decompress, encode, get_compressor,
+    Buffer, Compressor, ErrorFeedback, Payload, WireFormatError, decode, decompress, decompress_into,
+    encode_segments, get_compressor, wire_size,
 )
 from lowcomm.p2p import messages
 from lowcomm.p2p.transport import PeerUnreachable, Transport
@@ -89,6 +97,18 @@ class _Lobby:
     roster: list[str] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Part:
+    """A packed part message: what it is (for logs) and its segments."""
+
+    what: str
+    segments: list[Buffer]
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.segments)
 
 
 @dataclass
@@ -127,14 +147,21 @@ class Swarm:
         membership_ttl: seconds a membership record lives without refresh [10].
         window: seconds the leader waits for missing members after the first JOIN [5].
         base_timeout: fixed part of every deadline, in seconds [10].
-        bandwidth: bits/s assumed when sizing deadlines [100e6].
+        bandwidth: upload rate in bits/s assumed until one is measured [100e6].
+        min_bandwidth: the least rate, in bits/s, a deadline is ever sized for [1e6].
     """
 
     def __init__(self, transport: Transport, run_id: str = "lowcomm", *, membership_ttl: float = 10.0,
-                 window: float = 5.0, base_timeout: float = 10.0, bandwidth: float = 100e6):
+                 window: float = 5.0, base_timeout: float = 10.0, bandwidth: float = 100e6,
+                 min_bandwidth: float = 1e6):
+        if not bandwidth >= min_bandwidth > 0:
+            raise ValueError(f"need bandwidth >= min_bandwidth > 0 (bits/s), got {bandwidth} and {min_bandwidth}")
         self.transport, self.run_id = transport, run_id
         self.membership_ttl, self.window = membership_ttl, window
-        self.base_timeout, self.bandwidth = base_timeout, bandwidth
+        self.base_timeout, self.bandwidth, self.min_bandwidth = base_timeout, bandwidth, min_bandwidth
+        self._measured: float | None = None  # bits/s, moving average of this node's phases
+        self._announced = bandwidth  # the rate in this node's last membership record
+        self._published: dict[str, float] = {}  # member -> the rate its record states
         self._members: list[str] = []
         self._suspects: dict[str, float] = {}  # peer -> until when it is not waited for
         self._lobbies: dict[tuple[str, int], _Lobby] = {}
@@ -145,7 +172,7 @@ class Swarm:
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"lowcomm-swarm-{run_id}", daemon=True)
         self._thread.start()
         try:
-            self._call(self._start(), timeout=120)
+            self.call(self._start(), timeout=120)
         except BaseException:
             self.close()
             raise
@@ -177,7 +204,7 @@ class Swarm:
 
     def members(self) -> list[str]:
         """Live members (self included), freshly read from the membership store."""
-        return self._call(self._refresh_members(), timeout=30)
+        return self.call(self._refresh_members(), timeout=30)
 
     def wait_for_members(self, count: int, timeout: float = 60.0) -> list[str]:
         """Block until at least ``count`` members are live; raise TimeoutError otherwise."""
@@ -190,7 +217,10 @@ class Swarm:
                 raise TimeoutError(f"only {len(members)} of {count} peers joined within {timeout:.0f} s")
             time.sleep(0.2)
 
-    def _call(self, coro, timeout: float):
+    def call(self, coro, timeout: float):
+        """Run ``coro`` on the swarm's event loop and return its result (raises
+        what it raises, or `TimeoutError` after ``timeout`` seconds). For work on
+        the transport beside averaging: serving another protocol, a request."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     # --- lifecycle ---
@@ -218,13 +248,43 @@ class Swarm:
             self._tasks.discard(asyncio.current_task())
 
     async def _publish(self) -> None:
-        record = msgpack.packb({"addrs": self.transport.addrs(), "time": time.time()})
+        self._announced = self.bandwidth_estimate()
+        record = msgpack.packb({"addrs": self.transport.addrs(), "time": time.time(), "bandwidth": self._announced})
         await self.transport.put(f"{self.run_id}/members", self.peer_id, record, self.membership_ttl)
 
     async def _refresh_members(self) -> list[str]:
         records = await self.transport.get(f"{self.run_id}/members")
         self._members = sorted(set(records) | {self.peer_id})
+        self._published = {peer: rate for peer, record in records.items()
+                           if (rate := _published_rate(record)) is not None}
         return list(self._members)
+
+    # --- bandwidth and deadlines ---
+    def bandwidth_estimate(self) -> float:
+        """This node's upload rate in bits/s: measured (a moving average over
+        phases), or the assumed ``bandwidth`` before the first measurement."""
+        return self._measured if self._measured is not None else self.bandwidth
+
+    def _observe(self, sent: Sequence[int], seconds: float) -> None:
+        """Fold one phase's upload (bytes of each send, wall seconds) into the
+        estimate; a phase in which a send failed says nothing about the link."""
+        nbytes = sum(sent)
+        if nbytes < MEASURE_BYTES or seconds <= 0 or not all(sent):
+            return
+        rate = nbytes * 8 / seconds
+        self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
+
+    def deadline_bandwidth(self, group: Sequence[str] = ()) -> float:
+        """The rate deadlines are sized for: the slowest of this node's estimate and
+        the rates published by ``group`` (default: every member), at least ``min_bandwidth``."""
+        peers = group or self._members
+        rates = [self.bandwidth_estimate()] + [self._published[p] for p in peers
+                                               if p != self.peer_id and p in self._published]
+        return max(self.min_bandwidth, min(rates))
+
+    def _timeout(self, codec: Compressor, numel: int) -> float:
+        """Seconds for one phase: fixed part plus 4x the whole payload's transfer time."""
+        return self.base_timeout + 4 * wire_size(codec, numel) * 8 / self.deadline_bandwidth()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -272,7 +332,7 @@ class Swarm:
         _open_swarms.discard(self)
         if self.loop.is_running():
             try:
-                self._call(self._stop(), timeout=30)
+                self.call(self._stop(), timeout=30)
             except Exception as e:  # closing must not raise; report and go on
                 log.warning("error while stopping the transport: %s", e)
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -305,8 +365,8 @@ class Swarm:
             raise ValueError(f"weight must be positive, got {weight}")
         if self._closed:
             raise RuntimeError("this swarm is closed")
-        tensors = [t.detach().clone() for t in tensors]
-        x = flatten(tensors)
+        x = flatten(tensors)  # a copy: the caller may go on training while the round runs
+        tensors = unflatten(x, tensors)  # the caller's values as they were, returned on failure
         p = compressor.compensate(key, x) if isinstance(compressor, ErrorFeedback) else x
         codec = compressor.compressor if isinstance(compressor, ErrorFeedback) else (
             compressor or get_compressor("none"))
@@ -315,11 +375,6 @@ class Swarm:
         future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
         return SwarmHandle(future, tensors, default_timeout=4 * timeout + self.window + 5)
 
-    def _timeout(self, codec: Compressor, numel: int) -> float:
-        """Seconds for one phase: fixed part plus 4x the transfer time of the whole payload."""
-        from lowcomm.compressors import wire_size
-
-        return self.base_timeout + 4 * wire_size(codec, numel) * 8 / self.bandwidth
 
     async def _average(self, key, round, tensors, x, p, weight, group_size, codec, compression,
                        timeout) -> AverageResult:
@@ -335,6 +390,8 @@ class Swarm:
                 return AverageResult(tensors, True, [self.peer_id])
             exchange = self._all_gather if codec.sparse else self._butterfly
             result = await exchange(key, round, group, x, p, weight, codec, tensors, timeout)
+            if abs(self.bandwidth_estimate() - self._announced) > 0.25 * self._announced:
+                await self._publish()  # others size their deadlines by it: tell them now, not at the next refresh
             if isinstance(compression, ErrorFeedback) and result.sent is not None:
                 compression.absorb(key, p, result.sent[0])
             log.debug("%s/%s done in %.3f s", key, round, time.monotonic() - t0)
@@ -414,16 +471,20 @@ class Swarm:
         box.changed.set()
         return b"ok"
 
-    async def _send(self, peer: str, key: str, round: int, phase: str, shard: int, weight: float,
-                    contributors: list[str], blob: bytes, timeout: float) -> int:
-        """Send one part; returns the bytes sent (0 if the peer could not be reached)."""
-        data = messages.pack("part", run=self.run_id, key=key, round=round, phase=phase, shard=shard,
-                             weight=weight, contributors=contributors, blob=blob)
+    def _part(self, key: str, round: int, phase: str, shard: int, weight: float, contributors: list[str],
+              blob: list[Buffer]) -> _Part:
+        """A part message, packed once (it may go to several peers)."""
+        return _Part(f"{key}/{round} {phase} shard {shard}",
+                     messages.pack_part(blob, run=self.run_id, key=key, round=round, phase=phase, shard=shard,
+                                        weight=weight, contributors=contributors))
+
+    async def _send(self, peer: str, part: _Part, timeout: float) -> int:
+        """Send a part message; returns the bytes sent (0 if the peer could not be reached)."""
         try:
-            await self.transport.request(peer, messages.PROTOCOL_PART, data, timeout=timeout)
-            return len(data)
+            await self.transport.request(peer, messages.PROTOCOL_PART, part.segments, timeout=timeout)
+            return part.size
         except (PeerUnreachable, asyncio.TimeoutError) as e:
-            log.info("could not send %s/%s %s shard %d to %s: %s", key, round, phase, shard, peer, e)
+            log.info("could not send %s to %s: %s", part.what, peer, e)
             if isinstance(e, PeerUnreachable):
                 self._suspect(peer)
             return 0
@@ -443,15 +504,21 @@ class Swarm:
         return {k: box.items[k] for k in wanted if k in box.items}
 
     @staticmethod
-    def _decode(msg: dict, numel: int, sender: str) -> torch.Tensor | None:
+    def _validate(msg: dict, numel: int, sender: str) -> Payload | None:
+        """The message's payload if it is valid and has ``numel`` values; None (logged) otherwise."""
         try:
             payload = decode(msg["blob"])
             if payload.numel != numel:
                 raise WireFormatError(f"payload has {payload.numel} values, expected {numel}")
-            return decompress(payload).to(torch.float32).reshape(-1)
+            return payload
         except WireFormatError as e:
             log.warning("dropping %s's %s payload: %s", sender, msg["phase"], e)
             return None
+
+    @classmethod
+    def _decode(cls, msg: dict, numel: int, sender: str) -> torch.Tensor | None:
+        payload = cls._validate(msg, numel, sender)
+        return None if payload is None else decompress(payload).to(torch.float32).reshape(-1)
 
     async def _accept(self, got: dict, numel: int, parts: dict) -> dict:
         """Add the valid payloads of ``got`` to ``parts`` (sender -> (weight, values));
@@ -464,11 +531,16 @@ class Swarm:
         return parts
 
     @staticmethod
-    def _reduce(codec: Compressor, parts: dict) -> tuple[bytes, torch.Tensor]:
-        """The weighted mean of ``parts``, compressed once: (blob, what it decompresses to)."""
-        reducer = type(codec)(**codec.options())
-        payload = reducer.compress(weighted_mean(parts.values()))
-        return encode(payload), reducer.decompress(payload).float()
+    def _pack(codec: Compressor, x: torch.Tensor) -> tuple[list[Buffer], torch.Tensor]:
+        """``x`` (the swarm's own, never written again) compressed for the wire:
+        (blob segments, what they decompress to in fp32). ``none`` copies nothing."""
+        payload = codec.compress_owned(x)
+        return encode_segments(payload), x if codec.exact else codec.decompress(payload).float().reshape(-1)
+
+    @classmethod
+    def _reduce(cls, codec: Compressor, parts: dict) -> tuple[list[Buffer], torch.Tensor]:
+        """The weighted mean of ``parts``, compressed once (see `_pack`)."""
+        return cls._pack(type(codec)(**codec.options()), weighted_mean(parts.values()))
 
     async def _run(self, fn, *args):
         return await self.loop.run_in_executor(None, fn, *args)
@@ -477,21 +549,17 @@ class Swarm:
         me, n = group.index(self.peer_id), len(group)
         bounds = shard_bounds(x.numel(), n)
 
-        def compress_all():
-            payloads = [codec.compress(p[lo:hi]) for lo, hi in bounds]
-            # what each shard decompresses to (lossless "none": the values themselves, no copy)
-            if codec.name == "none":
-                decoded = [p[lo:hi] for lo, hi in bounds]
-            else:
-                decoded = [codec.decompress(pl).float() for pl in payloads]
-            return [encode(pl) for pl in payloads], decoded
+        def pack_shards():
+            packed = [self._pack(codec, p[lo:hi]) for lo, hi in bounds]
+            return [self._part(key, round, "part", j, weight, [], blob) for j, (blob, _) in enumerate(packed)], \
+                [decoded for _, decoded in packed]
 
         t0 = time.monotonic()
-        blobs, mine = await self._run(compress_all)
+        parts_out, mine = await self._run(pack_shards)
         start = time.monotonic()
-        sent = await asyncio.gather(*(self._send(group[j], key, round, "part", j, weight, [], blobs[j], timeout)
-                                      for j in range(n) if j != me))
+        sent = await asyncio.gather(*(self._send(group[j], parts_out[j], timeout) for j in range(n) if j != me))
         bytes_sent = sum(sent)
+        self._observe(sent, time.monotonic() - start)
         lo, hi = bounds[me]
         got = await self._collect(key, round, {("part", me, g) for g in group if g != self.peer_id},
                                   start + timeout)
@@ -500,28 +568,30 @@ class Swarm:
         contributors = sorted(parts)
         t1 = time.monotonic()
         mean_blob, mean = await self._run(self._reduce, codec, parts)
+        mean_part = self._part(key, round, "mean", me, weight, contributors, mean_blob)
         t2 = time.monotonic()
-        sent2 = await asyncio.gather(*(self._send(g, key, round, "mean", me, weight, contributors, mean_blob,
-                                                  timeout) for g in group if g != self.peer_id))
+        sent2 = await asyncio.gather(*(self._send(g, mean_part, timeout) for g in group if g != self.peer_id))
         bytes_sent += sum(sent2)
+        self._observe(sent2, time.monotonic() - t2)
         means = await self._collect(key, round, {("mean", j, group[j]) for j in range(n) if j != me},
                                     start + 2 * timeout)
         received += sum(m["size"] for m in means.values())
         t3 = time.monotonic()
         log.debug("%s/%s butterfly: compress %.3f s, parts %.3f s, reduce %.3f s, means %.3f s", key, round,
                   start - t0, t1 - start, t2 - t1, t3 - t2)
-        out = x.clone()
-        averaged = [False] * n
-        out[lo:hi], averaged[me] = mean, len(parts) > 1
+        out = torch.empty_like(x)
+        out[lo:hi] = mean
+        averaged, filled = [False] * n, [False] * n
+        averaged[me], filled[me] = len(parts) > 1, True
         who = set(contributors) if len(parts) > 1 else set()
 
         def apply(j: int, msg: dict, sender: str) -> None:
             nonlocal who
             a, b = bounds[j]
-            value = self._decode(msg, b - a, sender)
-            if value is not None:
-                out[a:b] = value
-                averaged[j] = len(msg["contributors"]) > 1
+            payload = self._validate(msg, b - a, sender)
+            if payload is not None:
+                decompress_into(payload, out[a:b])
+                filled[j], averaged[j] = True, len(msg["contributors"]) > 1
                 who |= set(msg["contributors"]) if averaged[j] else set()
 
         for (_, j, sender), msg in means.items():
@@ -529,7 +599,8 @@ class Swarm:
         # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
         missing = [j for j in range(n) if j != me and not averaged[j]]
         mine_to_back = [j for j in missing if (j + 1) % n != me]
-        sends = [self._send(group[(j + 1) % n], key, round, "bpart", j, weight, [], blobs[j], timeout)
+        sends = [self._send(group[(j + 1) % n], self._part(key, round, "bpart", j, weight, [],
+                                                           parts_out[j].segments[1:]), timeout)
                  for j in mine_to_back]
         for j in [j for j in missing if (j + 1) % n == me]:
             sends.append(self._back_up(key, round, j, group, bounds, parts, weight, mine[j], codec, start, timeout))
@@ -546,9 +617,12 @@ class Swarm:
             received += sum(m["size"] for m in backups.values())
             for (_, j, sender), msg in backups.items():
                 apply(j, msg, sender)
+        for j in [j for j in range(n) if not filled[j]]:  # no reducer answered: the local values
+            a, b = bounds[j]
+            out[a:b] = x[a:b]
         return AverageResult(unflatten(out, tensors), any(averaged), sorted(who | {self.peer_id}),
                              bytes_sent=bytes_sent, bytes_received=received,
-                             sent=[torch.cat(mine)],
+                             sent=[p if codec.exact else torch.cat(mine)],
                              shards_averaged=averaged,
                              reason="" if all(averaged) else "some shards kept local values")
 
@@ -562,26 +636,38 @@ class Swarm:
         parts = await self._accept(got, b - a, {self.peer_id: (weight, own)})
         blob, _ = await self._run(self._reduce, codec, parts)
         contributors = sorted(parts)
-        sent = await asyncio.gather(*(self._send(g, key, round, "bmean", j, weight, contributors, blob, timeout)
-                                      for g in parts if g != self.peer_id))
-        own_msg = {"blob": blob, "contributors": contributors, "phase": "bmean"}
+        part = self._part(key, round, "bmean", j, weight, contributors, blob)
+        sent = await asyncio.gather(*(self._send(g, part, timeout) for g in parts if g != self.peer_id))
+        own_msg = {"blob": b"".join(blob), "contributors": contributors, "phase": "bmean"}
         return sum(sent), sum(m["size"] for m in got.values()), (j, own_msg)
 
     async def _all_gather(self, key, round, group, x, p, weight, codec, tensors, timeout) -> AverageResult:
-        def compress_one():
-            payload = codec.compress(p)
-            return encode(payload), codec.decompress(payload).float().reshape(-1)
-
-        blob, mine = await self._run(compress_one)
+        blob, mine = await self._run(self._pack, codec, p)
+        part = self._part(key, round, "full", 0, weight, [], blob)
         start = time.monotonic()
-        sent = await asyncio.gather(*(self._send(g, key, round, "full", 0, weight, [], blob, timeout)
-                                      for g in group if g != self.peer_id))
+        sent = await asyncio.gather(*(self._send(g, part, timeout) for g in group if g != self.peer_id))
+        self._observe(sent, time.monotonic() - start)
         got = await self._collect(key, round, {("full", 0, g) for g in group if g != self.peer_id},
                                   start + timeout)
         parts = await self._accept(got, x.numel(), {self.peer_id: (weight, mine)})
         out = weighted_mean(parts.values())
         return AverageResult(unflatten(out, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
                              bytes_received=sum(m["size"] for m in got.values()), sent=[mine])
+
+
+#: A phase that sends fewer bytes than this is not timed: latency would dominate.
+MEASURE_BYTES = 1 << 20
+
+
+def _published_rate(record: bytes) -> float | None:
+    """The bandwidth a membership record states, or None when it states none that
+    makes sense (records come from other peers: never trusted blindly)."""
+    try:
+        rate = msgpack.unpackb(record, raw=False, max_str_len=4096, max_array_len=64, max_map_len=16)["bandwidth"]
+    except Exception:  # malformed or older records: no rate
+        return None
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < 1e15 \
+        else None
 
 
 _open_swarms: weakref.WeakSet[Swarm] = weakref.WeakSet()

@@ -13,10 +13,34 @@ out of the round.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence, Union
+
+from lowcomm.compressors import Buffer
 
 #: A protocol handler: (sender peer id, request bytes) -> response bytes.
 Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+#: What `Transport.request` sends: bytes-like, or segments sent back to back
+#: (the receiver's handler gets them as one bytes object). Segments let the
+#: swarm send views of tensors without joining them into one copy first.
+Message = Union[Buffer, Sequence[Buffer]]
+
+#: Bytes a transport writes at a time: large writes go out in pieces of this size.
+CHUNK_BYTES = 1 << 20
+
+
+def segments(data: Message) -> list[memoryview]:
+    """``data`` as a list of byte views (no copy)."""
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    return [memoryview(p).cast("B") if isinstance(p, memoryview) and p.format != "B" else memoryview(p)
+            for p in parts]
+
+
+def chunks(data: Message, size: int = CHUNK_BYTES):
+    """The bytes of ``data`` as views of at most ``size`` bytes each, in order."""
+    for part in segments(data):
+        for start in range(0, len(part), size):
+            yield part[start:start + size]
 
 
 class TransportError(RuntimeError):
@@ -46,8 +70,9 @@ class Transport(Protocol):
     async def serve(self, protocol: str, handler: Handler) -> None:
         """Answer requests of ``protocol`` with ``handler``."""
 
-    async def request(self, peer: str, protocol: str, data: bytes, timeout: float) -> bytes:
-        """Send ``data`` to ``peer`` under ``protocol`` and return its response."""
+    async def request(self, peer: str, protocol: str, data: Message, timeout: float) -> bytes:
+        """Send ``data`` (bytes, or segments sent back to back) to ``peer``
+        under ``protocol`` and return its response."""
 
     async def put(self, key: str, subkey: str, value: bytes, ttl: float) -> None:
         """Store ``value`` under ``(key, subkey)`` for ``ttl`` seconds."""

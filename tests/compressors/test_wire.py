@@ -2,12 +2,15 @@
 
 import random
 
-import msgpack
+import numpy as np
 import pytest
 import torch
 
-from lowcomm.compressors import WireFormatError, codec_names, decode, decompress, encode, get_compressor
+from lowcomm.compressors import (
+    WireFormatError, codec_names, decode, decompress, encode, encode_segments, get_compressor,
+)
 from lowcomm.compressors.payload import FLOAT_DTYPES
+from lowcomm.compressors.wire import frame, padding, unframe
 
 SPARSE = {"topk": {"density": 0.1, "chunk_size": 64}, "randk": {"density": 0.1, "chunk_size": 64}}
 
@@ -26,11 +29,24 @@ def blob_for(name, numel=300, seed=0):
 
 
 def envelope(name="int8"):
-    return msgpack.unpackb(blob_for(name), raw=False)
+    """A blob's header with each buffer's bytes in place of its length (easy to mutate)."""
+    header, body = unframe(blob_for(name), "blob")
+    offset = 0
+    for entry in header["bufs"]:
+        size = entry[2]
+        entry[2] = bytes(body[offset:offset + size])
+        offset += size + len(padding(size))
+    return header
 
 
 def reencode(obj):
-    return msgpack.packb(obj, use_bin_type=True)
+    """The inverse of `envelope`: lengths in the header, bytes in the body."""
+    bufs = obj.get("bufs")
+    if not (isinstance(bufs, list) and all(isinstance(e, list) and len(e) == 3 and isinstance(e[2], bytes)
+                                           for e in bufs)):
+        return b"".join(frame(obj))
+    body = [part for e in bufs for part in (e[2], padding(len(e[2])))]
+    return b"".join(frame({**obj, "bufs": [[e[0], e[1], len(e[2])] for e in bufs]}, body))
 
 
 @pytest.mark.parametrize("name", codec_names())
@@ -42,7 +58,7 @@ def test_encode_decode_roundtrip_is_identical(name):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda o: o.update(v=2), "version 2 is not supported"),
+    (lambda o: o.update(v=3), "version 3 is not supported"),
     (lambda o: o.update(codec="gzip"), "unknown codec 'gzip'"),
     (lambda o: o.update(dtype="float64"), "dtype 'float64'"),
     (lambda o: o.update(shape=[301]), "needs exactly"),
@@ -80,8 +96,46 @@ def test_size_limit_and_non_bytes():
         decode(blob, max_bytes=len(blob) - 1)
     with pytest.raises(WireFormatError, match="expected bytes"):
         decode("not bytes")
-    with pytest.raises(WireFormatError, match="msgpack"):
+    with pytest.raises(WireFormatError, match="too short"):
         decode(b"")
+
+
+def test_framing_rejections():
+    blob = blob_for("int8")
+    size = int.from_bytes(blob[:4], "little")
+    with pytest.raises(WireFormatError, match="does not fit"):
+        decode((len(blob)).to_bytes(4, "little") + blob[4:])
+    with pytest.raises(WireFormatError, match="header padding"):
+        pad_at = 4 + size  # the first padding byte after the header (4 + size is not a multiple of 8 here)
+        assert pad_at % 8
+        decode(blob[:pad_at] + b"\x01" + blob[pad_at + 1:])
+    with pytest.raises(WireFormatError, match="not valid msgpack"):
+        decode(blob[:4] + b"\xc1" + blob[5:])
+    with pytest.raises(WireFormatError, match="after its last buffer"):
+        decode(blob + bytes(8))
+    with pytest.raises(WireFormatError, match="blob ends"):
+        decode(blob[:-8])
+    codes = 300  # int8 codes: 300 bytes, then 4 bytes of padding before the scales
+    header_end = 4 + size + len(padding(4 + size))
+    with pytest.raises(WireFormatError, match="padding after buffer 'codes'"):
+        decode(blob[:header_end + codes] + b"\x07" + blob[header_end + codes + 1:])
+
+
+@pytest.mark.parametrize("name", codec_names())
+def test_segments_join_to_the_blob_and_decode_copies_nothing(name):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    payload = make(name).compress(x)
+    segments = encode_segments(payload)
+    blob = encode(payload)
+    assert b"".join(segments) == blob and len(blob) % 8 == 0
+    first = next(iter(payload.buffers.values()))
+    assert any(isinstance(s, memoryview) and s.obj is not None for s in segments)  # views, not copies
+    assert segments[1].nbytes == first.numel() * first.element_size()  # the first buffer, whole
+    decoded = decode(memoryview(blob))
+    blob_ptr = np.frombuffer(blob, dtype=np.uint8).ctypes.data
+    for t in decoded.buffers.values():
+        assert blob_ptr <= t.data_ptr() < blob_ptr + len(blob)  # inside the received bytes
+        assert (t.data_ptr() - blob_ptr) % 8 == 0  # every buffer starts 8-byte aligned
 
 
 def _mutations(rng: random.Random, blob: bytes) -> bytes:
@@ -103,11 +157,11 @@ def _mutations(rng: random.Random, blob: bytes) -> bytes:
         return bytes(b)
     if kind == 4:  # duplicate or append garbage
         return bytes(b + b[:rng.randrange(1, 32)])
-    # structured: valid msgpack with one field changed to a random value
-    obj = msgpack.unpackb(blob, raw=False)
+    # structured: a valid header with one field changed to a random value, the body kept
+    obj, body = unframe(blob, "blob")
     key = rng.choice(["v", "codec", "opts", "dtype", "shape", "bufs"])
     obj[key] = rng.choice([None, -1, 0, 2**40, "x", [], {}, [1, 2], 1.5, b"\x00", [-3], {"block_size": 3}])
-    return msgpack.packb(obj, use_bin_type=True)
+    return b"".join(frame(obj, [body]))
 
 
 def test_fuzz_10000_blobs_raise_only_the_typed_error():

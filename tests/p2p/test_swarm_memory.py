@@ -6,8 +6,8 @@ import msgpack
 import pytest
 import torch
 
-from lowcomm.compressors import get_compressor
-from lowcomm.p2p import MemoryNetwork, Swarm
+from lowcomm.compressors import WireFormatError, encode_segments, get_compressor, wire_size
+from lowcomm.p2p import MemoryNetwork, Swarm, messages
 
 FAST = dict(window=1.0, base_timeout=2.0, membership_ttl=30.0)
 
@@ -84,12 +84,15 @@ def test_a_peer_killed_mid_round_leaves_the_mean_of_the_rest(swarms):
 
 
 def _corrupt_blobs(data: bytes) -> bytes:
-    msg = msgpack.unpackb(data, raw=False)
-    if msg.get("kind") == "part":
-        blob = bytearray(msg["blob"])
-        blob[len(blob) // 2:] = b"\xff" * (len(blob) - len(blob) // 2)
-        msg["blob"] = bytes(blob)
-    return msgpack.packb(msg, use_bin_type=True)
+    """Part messages get the second half of their blob overwritten with 0xff (NaNs)."""
+    try:
+        msg = messages.unpack("part", data)
+    except WireFormatError:
+        return data  # a control message: sent as is
+    blob = bytearray(msg.pop("blob"))
+    blob[len(blob) // 2:] = b"\xff" * (len(blob) - len(blob) // 2)
+    del msg["kind"]
+    return b"".join(messages.pack_part(bytes(blob), **msg))
 
 
 def test_a_peer_sending_garbage_is_excluded(swarms):
@@ -155,3 +158,55 @@ def test_rounds_run_in_the_background():
     finally:
         a.close()
         b.close()
+
+
+def test_deadlines_before_any_measurement_assume_100_mbit():
+    net = MemoryNetwork()
+    with Swarm(net.transport("solo"), "test", **FAST) as s:
+        size = wire_size(get_compressor("none"), 25_000_000)
+        assert size == 100_000_000 + len(frame_header_for(25_000_000))
+        assert s.deadline_bandwidth() == 100e6
+        assert s._timeout(get_compressor("none"), 25_000_000) == pytest.approx(2.0 + 4 * size * 8 / 100e6)
+
+
+def frame_header_for(numel):
+    """The header segment `encode_segments` writes for ``numel`` fp32 values with `none`."""
+    return encode_segments(get_compressor("none").compress(torch.zeros(numel)))[0]
+
+
+def test_measured_upload_rate_sizes_the_deadlines(swarms):
+    net, nodes = swarms(4, net=MemoryNetwork(bandwidth=200e6))
+    xs = values(4, numel=1_000_000)
+    for r in run_round(nodes, xs):
+        assert r.averaged
+    for s in nodes:
+        # each phase sends 3 x 1 MB through one 200 Mbit/s uplink: the estimate is that rate, less overheads
+        assert 120e6 < s.bandwidth_estimate() <= 200e6
+    size = wire_size(get_compressor("none"), 1_000_000)
+    slowest = min(n.bandwidth_estimate() for n in nodes)  # each node published its new rate before returning
+    for s in nodes:
+        s.members()
+        assert s.deadline_bandwidth() == slowest
+        assert s._timeout(get_compressor("none"), 1_000_000) == pytest.approx(
+            2.0 + 4 * size * 8 / s.deadline_bandwidth())
+
+
+def test_a_slow_member_lengthens_everyones_deadlines_and_bad_records_are_ignored(swarms):
+    net, nodes = swarms(3)
+    slow = Swarm(net.transport("slow"), "test", **FAST, bandwidth=5e6)  # nothing measured: states 5 Mbit/s
+    try:
+        for s in nodes:
+            s.members()
+            assert s.deadline_bandwidth() == 5e6
+        # a record that lies (a negative or absurd rate, or garbage) states nothing
+        for record in (msgpack.packb({"bandwidth": -1.0}), msgpack.packb({"bandwidth": True}), b"\xc1garbage"):
+            net.store["test/members"]["slow"] = (record, net.clock() + 30)
+            assert nodes[0].members() and nodes[0].deadline_bandwidth() == 100e6
+    finally:
+        slow.close()
+    # never sized below min_bandwidth
+    with Swarm(net.transport("floor"), "test", **FAST, bandwidth=2e6, min_bandwidth=2e6) as s:
+        s._measured = 1e3
+        assert s.deadline_bandwidth() == 2e6
+    with pytest.raises(ValueError, match="min_bandwidth"):
+        Swarm(net.transport("bad"), "test", bandwidth=1e5)
