@@ -20,7 +20,8 @@ import torch
 
 from lowcomm.config import SimulateConfig
 from lowcomm.sim.network import Network
-from lowcomm.sim.runner import run_algorithm, settings_for
+from lowcomm.optimizers.factory import settings_for
+from lowcomm.sim.runner import run_algorithm
 from lowcomm.tasks import load_task
 
 

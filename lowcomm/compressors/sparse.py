@@ -208,6 +208,17 @@ class RandK(_Sparse):
     def options(self) -> dict:
         return {**super().options(), "seed": self.seed}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"seed_stream": self._seeds.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        stream = state.get("seed_stream")
+        want = self._seeds.get_state()
+        if set(state) != {"seed_stream"} or not isinstance(stream, torch.Tensor) or stream.dtype != want.dtype \
+                or stream.shape != want.shape:
+            raise ValueError("randk state must be {'seed_stream': the uint8 tensor state_dict() gave}")
+        self._seeds.set_state(stream.clone())
+
     def wire_options(self, numel: int) -> dict:
         return {**super().wire_options(numel), "seed": 2**62 - 1}  # draw seeds take up to 9 bytes
 

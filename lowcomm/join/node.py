@@ -33,7 +33,7 @@ from lowcomm.compressors import wire_size
 from lowcomm.config import ConfigError, JoinConfig, SimulateConfig
 from lowcomm.join.settings import differences, run_settings, settings_hash
 from lowcomm.sim.report import format_bytes
-from lowcomm.sim.runner import build_optimizer, settings_for
+from lowcomm.optimizers.factory import build_optimizer, settings_for
 from lowcomm.tasks import TaskError, load_task
 
 PROTOCOL_HELLO = "/lowcomm/hello/1"
@@ -173,7 +173,7 @@ class Node:
                                          "port is open") from None
         except TransportError as e:
             raise ConfigError("--listen", f"could not start the network: {e}") from None
-        self.swarm._call(self._serve(), timeout=30)
+        self.swarm.call(self._serve(), timeout=30)
         try:
             self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm)
         except ValueError as e:
@@ -203,7 +203,7 @@ class Node:
         for addr in peers:
             peer = addr.split("/p2p/")[-1].split("/")[0]
             try:
-                reply = msgpack.unpackb(self.swarm._call(self.swarm.transport.request(
+                reply = msgpack.unpackb(self.swarm.call(self.swarm.transport.request(
                     peer, PROTOCOL_HELLO, request, timeout=30), timeout=40), raw=False)
             except Exception as e:  # an unreachable bootstrap peer is reported, the next one tried
                 self.console.print(f"[yellow]could not greet {escape(addr)}: {escape(str(e))}[/]", highlight=False)
@@ -226,7 +226,7 @@ class Node:
         request = msgpack.packb({"hash": self.hash})
         for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
             try:
-                blob = self.swarm._call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=120),
+                blob = self.swarm.call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=120),
                                         timeout=130)
                 if not blob:
                     continue

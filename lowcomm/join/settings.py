@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from torch import nn
 
-from lowcomm.sim.runner import Settings
+from lowcomm.optimizers.factory import Settings
 
 
 def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings) -> dict:

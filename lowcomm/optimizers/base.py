@@ -96,16 +96,25 @@ class OuterOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    def _codec(self) -> Compressor | None:
+        c = self.compression
+        return c.compressor if isinstance(c, ErrorFeedback) else c
+
     def _base_state(self) -> dict:
-        """Inner optimizer, stats and error-feedback residuals (``self.compression``)."""
+        """Inner optimizer, stats, error-feedback residuals and the codec's own state
+        (``self.compression``)."""
         ef = self.compression.state_dict() if isinstance(self.compression, ErrorFeedback) else None
-        return {"inner": self.inner.state_dict(), "stats": asdict(self.stats), "error_feedback": ef}
+        codec = self._codec().state_dict() if self._codec() is not None else {}
+        return {"inner": self.inner.state_dict(), "stats": asdict(self.stats), "error_feedback": ef,
+                "codec": codec}
 
     def _load_base_state(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
         self.stats = Stats(**state["stats"])
         if isinstance(self.compression, ErrorFeedback):
             self.compression.load_state_dict(state["error_feedback"] or {})
+        if self._codec() is not None:
+            self._codec().load_state_dict(state.get("codec") or {})  # states saved before codecs had one: none
 
 
 def _block_of(name: str) -> str | None:

@@ -8,7 +8,7 @@ from rich.table import Table
 from lowcomm.config import ConfigError, PlanConfig, SimulateConfig, parse_count
 from lowcomm.sim import plan
 from lowcomm.sim.network import format_bandwidth
-from lowcomm.sim.runner import settings_for
+from lowcomm.optimizers.factory import settings_for
 from lowcomm.sim.simulate import network_of, validate
 
 

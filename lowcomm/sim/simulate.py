@@ -24,7 +24,8 @@ from rich.table import Table
 from lowcomm.config import ConfigError, SimulateConfig
 from lowcomm.sim import plan, report
 from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
-from lowcomm.sim.runner import measure_step_time, run_algorithm, settings_for
+from lowcomm.optimizers.factory import settings_for
+from lowcomm.sim.runner import measure_step_time, run_algorithm
 from lowcomm.tasks import TaskError, load_task
 
 

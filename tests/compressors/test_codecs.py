@@ -175,3 +175,21 @@ def test_bad_options_raise_value_error():
         get_compressor("gzip")
     with pytest.raises(ValueError, match="bad options"):
         get_compressor("sign", density=0.1)
+
+
+def test_codec_state_resumes_randk_draws_and_is_empty_elsewhere():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    a = get_compressor("randk", density=0.1, chunk_size=100, seed=3)
+    a.compress(x)
+    saved = a.state_dict()
+    want = [encode(a.compress(x)) for _ in range(2)]
+    b = get_compressor("randk", density=0.1, chunk_size=100, seed=3)
+    assert encode(b.compress(x)) != want[0]  # a fresh codec is at the start of its stream
+    b.load_state_dict(saved)
+    assert [encode(b.compress(x)) for _ in range(2)] == want
+    with pytest.raises(ValueError, match="seed_stream"):
+        b.load_state_dict({"seed_stream": torch.zeros(3, dtype=torch.uint8)})
+    for name in ("none", "int8", "topk"):
+        assert get_compressor(name).state_dict() == {}
+    with pytest.raises(ValueError, match="keeps no state"):
+        get_compressor("int8").load_state_dict(saved)
