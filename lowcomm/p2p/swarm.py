@@ -585,17 +585,23 @@ class Swarm:
         averaged[me], filled[me] = len(parts) > 1, True
         who = set(contributors) if len(parts) > 1 else set()
 
-        def apply(j: int, msg: dict, sender: str) -> None:
-            nonlocal who
+        def fill(j: int, msg: dict, sender: str) -> bool:
+            """Write shard j's mean from ``msg`` into ``out`` (a worker thread; shards are disjoint)."""
             a, b = bounds[j]
             payload = self._validate(msg, b - a, sender)
             if payload is not None:
                 decompress_into(payload, out[a:b])
-                filled[j], averaged[j] = True, len(msg["contributors"]) > 1
-                who |= set(msg["contributors"]) if averaged[j] else set()
+            return payload is not None
 
-        for (_, j, sender), msg in means.items():
-            apply(j, msg, sender)
+        async def apply(items: list[tuple[int, dict, str]]) -> None:
+            nonlocal who
+            ok = await asyncio.gather(*(self._run(fill, j, msg, sender) for j, msg, sender in items))
+            for (j, msg, _), good in zip(items, ok):
+                if good:
+                    filled[j], averaged[j] = True, len(msg["contributors"]) > 1
+                    who |= set(msg["contributors"]) if averaged[j] else set()
+
+        await apply([(j, msg, sender) for (_, j, sender), msg in means.items()])
         # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
         missing = [j for j in range(n) if j != me and not averaged[j]]
         mine_to_back = [j for j in missing if (j + 1) % n != me]
@@ -608,15 +614,11 @@ class Swarm:
             results = await asyncio.gather(*sends)
             bytes_sent += sum(r if isinstance(r, int) else r[0] for r in results)
             received += sum(0 if isinstance(r, int) else r[1] for r in results)
-            for r in results:
-                if not isinstance(r, int) and r[2] is not None:
-                    j, msg = r[2]
-                    apply(j, msg, self.peer_id)
+            await apply([(*r[2], self.peer_id) for r in results if not isinstance(r, int) and r[2] is not None])
             backups = await self._collect(key, round, {("bmean", j, group[(j + 1) % n]) for j in mine_to_back},
                                           start + 3 * timeout)
             received += sum(m["size"] for m in backups.values())
-            for (_, j, sender), msg in backups.items():
-                apply(j, msg, sender)
+            await apply([(j, msg, sender) for (_, j, sender), msg in backups.items()])
         for j in [j for j in range(n) if not filled[j]]:  # no reducer answered: the local values
             a, b = bounds[j]
             out[a:b] = x[a:b]
