@@ -8,7 +8,8 @@
 How a round ``(key, round)`` goes:
 
 1. **Membership.** Every node publishes a record under ``<run>/members`` with
-   a short TTL and refreshes it; nodes that stop refreshing drop out.
+   a short TTL and refreshes it: its addresses, the highest round it has
+   started and its measured upload rate. Nodes that stop refreshing drop out.
 2. **Matchmaking.** The live member with the smallest peer id leads. Each
    node sends it JOIN(key, round); the leader answers every JOIN with the
    roster once every live member has joined, or ``window`` seconds after the
@@ -161,6 +162,8 @@ class Swarm:
         self.base_timeout, self.bandwidth, self.min_bandwidth = base_timeout, bandwidth, min_bandwidth
         self._measured: float | None = None  # bits/s, moving average of this node's phases
         self._announced = bandwidth  # the rate in this node's last membership record
+        #: The highest round this node has started averaging (-1: none yet); published with its membership.
+        self.round = -1
         self._published: dict[str, float] = {}  # member -> the rate its record states
         self._members: list[str] = []
         self._suspects: dict[str, float] = {}  # peer -> until when it is not waited for
@@ -249,7 +252,8 @@ class Swarm:
 
     async def _publish(self) -> None:
         self._announced = self.bandwidth_estimate()
-        record = msgpack.packb({"addrs": self.transport.addrs(), "time": time.time(), "bandwidth": self._announced})
+        record = msgpack.packb({"addrs": self.transport.addrs(), "time": time.time(), "bandwidth": self._announced,
+                                "round": self.round})
         await self.transport.put(f"{self.run_id}/members", self.peer_id, record, self.membership_ttl)
 
     async def _refresh_members(self) -> list[str]:
@@ -365,6 +369,7 @@ class Swarm:
             raise ValueError(f"weight must be positive, got {weight}")
         if self._closed:
             raise RuntimeError("this swarm is closed")
+        self.round = max(self.round, round)
         x = flatten(tensors)  # a copy: the caller may go on training while the round runs
         tensors = unflatten(x, tensors)  # the caller's values as they were, returned on failure
         p = compressor.compensate(key, x) if isinstance(compressor, ErrorFeedback) else x

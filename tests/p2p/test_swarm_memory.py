@@ -182,6 +182,8 @@ def test_measured_upload_rate_sizes_the_deadlines(swarms):
     for s in nodes:
         # each phase sends 3 x 1 MB through one 200 Mbit/s uplink: the estimate is that rate, less overheads
         assert 120e6 < s.bandwidth_estimate() <= 200e6
+        record = msgpack.unpackb(net.store["test/members"][s.peer_id][0])
+        assert record["bandwidth"] == s.bandwidth_estimate() and record["round"] == 0 == s.round
     size = wire_size(get_compressor("none"), 1_000_000)
     slowest = min(n.bandwidth_estimate() for n in nodes)  # each node published its new rate before returning
     for s in nodes:
