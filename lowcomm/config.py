@@ -130,9 +130,18 @@ class JoinConfig:
     checkpoint_every: int = opt(10, "Outer rounds between checkpoints (and one on exit).")
     max_steps: int = opt(0, "Stop after this many inner steps (0: run until stopped).")
     window: float = opt(5.0, "Seconds a round waits for missing peers.")
+    secret_file: str = opt("", "File whose bytes (16 or more) are the swarm's shared secret, e.g. from "
+                           "`head -c 32 /dev/urandom > swarm.secret`: every message is authenticated with it, "
+                           "so nodes without it can neither join nor download the model. Copy it to every node.")
+    allow: str = opt("", "Peer ids allowed in the swarm, comma- or space-separated (empty: any peer); "
+                     "requests from other peers are refused. A node's peer id is printed when it starts.")
 
     def peer_list(self) -> list[str]:
         return [p for p in self.peers.replace(",", " ").split() if p]
+
+    def allow_list(self) -> list[str] | None:
+        ids = [p for p in self.allow.replace(",", " ").split() if p]
+        return ids or None
 
 
 def parse_count(flag: str, text: str) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import time
@@ -34,9 +35,11 @@ from lowcomm.config import ConfigError, JoinConfig, SimulateConfig
 from lowcomm.join.settings import differences, run_settings, settings_hash
 from lowcomm.sim.report import format_bytes
 from lowcomm.optimizers.factory import build_optimizer, settings_for
+from lowcomm.p2p.private import MIN_SECRET_BYTES, REFUSED, Unauthorized
 from lowcomm.tasks import TaskError, load_task
 
 PROTOCOL_HELLO = "/lowcomm/hello/1"
+PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{40,128}$")  # base58: Qm... or 12D3KooW...
 PROTOCOL_STATE = "/lowcomm/state/1"
 CHECKPOINT = "node"
 
@@ -52,6 +55,19 @@ def check_multiaddr(flag: str, text: str, need_peer_id: bool) -> dict[str, str]:
         return parse_multiaddr(text, need_peer_id)
     except AddressError as e:
         raise ConfigError(flag, str(e)) from None
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret in the file at ``path``; `ConfigError` if it is missing or too short."""
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError("--secret-file", f"cannot read {path}: {e.strerror}; make one with "
+                                           f"`head -c 32 /dev/urandom > {path}` and copy it to every node") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError("--secret-file", f"{path} holds {len(secret)} bytes; a secret needs at least "
+                                           f"{MIN_SECRET_BYTES} (`head -c 32 /dev/urandom > {path}`)")
+    return secret
 
 
 def check_port_free(listen: str) -> None:
@@ -106,6 +122,10 @@ class Node:
         if cfg.announce:
             check_multiaddr("--announce", cfg.announce, need_peer_id=False)
         check_port_free(cfg.listen)
+        self.secret = read_secret(cfg.secret_file) if cfg.secret_file else None
+        for peer in cfg.allow_list() or []:
+            if not PEER_ID.match(peer):
+                raise ConfigError("--allow", f"{peer!r} is not a peer id (base58, like 12D3KooW...)")
         return peers
 
     def _build(self) -> None:
@@ -165,7 +185,8 @@ class Node:
         try:
             self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", backend=cfg.backend,
                                     listen=[cfg.listen], announce=[cfg.announce] if cfg.announce else [],
-                                    identity_path=identity, window=cfg.window)
+                                    identity_path=identity, window=cfg.window, secret=self.secret,
+                                    allow=cfg.allow_list())
         except BackendConflict as e:
             raise ConfigError("--backend", str(e)) from None
         except BootstrapFailed:
@@ -203,8 +224,13 @@ class Node:
         for addr in peers:
             peer = addr.split("/p2p/")[-1].split("/")[0]
             try:
-                reply = msgpack.unpackb(self.swarm.call(self.swarm.transport.request(
-                    peer, PROTOCOL_HELLO, request, timeout=30), timeout=40), raw=False)
+                raw = self.swarm.call(self.swarm.transport.request(peer, PROTOCOL_HELLO, request, timeout=30), 40)
+                if raw == REFUSED:  # only a node outside a private swarm sees the refusal itself
+                    raise Unauthorized(f"{addr} runs a private swarm; join it with its --secret-file "
+                                       "(and be on its --allow list if it has one)")
+                reply = msgpack.unpackb(raw, raw=False)
+            except Unauthorized as e:
+                raise Refused(f"refused by {addr}: {e}") from None
             except Exception as e:  # an unreachable bootstrap peer is reported, the next one tried
                 self.console.print(f"[yellow]could not greet {escape(addr)}: {escape(str(e))}[/]", highlight=False)
                 continue
@@ -333,13 +359,16 @@ class Node:
         for flag, value, default in (("--backend", cfg.backend, "hivemind"),
                                      ("--task", cfg.task, "tinylm"), ("--data", cfg.data, ""),
                                      ("--algorithm", cfg.algorithm, "diloco"), ("--compressor", cfg.compressor, ""),
-                                     ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0)):
+                                     ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0),
+                                     ("--secret-file", cfg.secret_file, ""), ("--allow", cfg.allow, "")):
             if value != default:
                 extra.append(f"{flag} {value}")
         line = " ".join(["lowcomm join --peers", addr, *extra])
         self.console.rule("[bold]swarm started")
         self.console.print("Other nodes join with:", highlight=False)
         self.console.print(f"[bold green]{escape(line)}[/]", highlight=False, soft_wrap=True)
+        if cfg.secret_file:
+            self.console.print(f"(a private swarm: copy {cfg.secret_file} to every node that joins)", highlight=False)
         if "/127.0.0.1/" in addr:
             self.console.print("(this node listens on 127.0.0.1 only; use --listen /ip4/0.0.0.0/tcp/PORT and "
                                "--announce with your public address for other machines)", highlight=False)

@@ -72,6 +72,7 @@ from lowcomm.compressors import (
     encode_segments, get_compressor, wire_size,
 )
 from lowcomm.p2p import messages
+from lowcomm.p2p.private import make_private
 from lowcomm.p2p.transport import PeerUnreachable, Transport
 
 log = logging.getLogger("lowcomm.p2p")
@@ -190,13 +191,15 @@ class Swarm:
     @classmethod
     def join(cls, initial_peers: Sequence[str], run_id: str = "lowcomm", *, backend: str = "hivemind",
              listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), announce: Sequence[str] = (),
-             identity_path: str | None = None, **swarm_options) -> Swarm:
-        """Join the swarm reachable at ``initial_peers`` (multiaddrs) over ``backend``."""
+             identity_path: str | None = None, secret: bytes | None = None, allow: Sequence[str] | None = None,
+             **swarm_options) -> Swarm:
+        """Join the swarm reachable at ``initial_peers`` (multiaddrs) over ``backend``.
+        ``secret`` and/or ``allow`` (peer ids) make it private (`lowcomm.p2p.private`)."""
         from lowcomm.p2p.backends import make_transport
 
         transport = make_transport(backend, initial_peers=list(initial_peers), listen=list(listen),
                                    announce=list(announce), identity_path=identity_path)
-        return cls(transport, run_id, **swarm_options)
+        return cls(make_private(transport, secret, allow), run_id, **swarm_options)
 
     @property
     def peer_id(self) -> str:

@@ -14,7 +14,7 @@ from lowcomm.config import JoinConfig
 from lowcomm.join.node import Node
 from lowcomm.sim import LocalSwarm
 from lowcomm.optimizers.factory import build_optimizer
-from tests.join.test_join import TASK, NodeProc, p2pd_pids, wait_until
+from tests.join.test_join import TASK, NodeProc, p2pd_pids, pasted, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,3 +115,39 @@ def test_checkpoints_are_written_atomically(tmp_path):
     state, meta = load_state(tmp_path / "x")
     assert state["a"] == [1, 2.5, None] and state["t"].tolist() == [0.0, 1.0, 2.0] and meta == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.safetensors"]  # no temp files left
+
+
+def test_a_private_swarm_admits_only_holders_of_its_secret(tmp_path):
+    before = p2pd_pids()
+    secret = tmp_path / "swarm.secret"
+    secret.write_bytes(bytes(range(32)))
+    a = NodeProc("a", *TASK, "--secret-file", str(secret), cwd=tmp_path)
+    b = None
+    try:
+        line = wait_until(lambda: a.grep(r"^lowcomm join --peers "), 60, "the join line")[0]
+        assert f"--secret-file {secret}" in line and a.grep("a private swarm: copy")
+        addr = line.split()[3]
+        b = NodeProc("b", *pasted(line), cwd=tmp_path)  # the printed line, secret included
+        wait_until(lambda: any(r[2] == 2 for r in b.rounds()), 90, "b to average with a")
+        wrong = tmp_path / "wrong.secret"
+        wrong.write_bytes(bytes(range(1, 33)))
+        err = one_error_line(join(*TASK, "--peers", addr, "--secret-file", str(wrong), cwd=tmp_path))
+        assert "refused by" in err and "not a member of its private swarm" in err
+        err = one_error_line(join(*TASK, "--peers", addr, cwd=tmp_path))
+        assert "runs a private swarm; join it with its --secret-file" in err
+        assert a.stop(signal.SIGTERM) == 0 and b.stop(signal.SIGTERM) == 0
+    finally:
+        for n in (a, b):
+            if n is not None:
+                n.kill()
+    wait_until(lambda: p2pd_pids() <= before, 15, "every p2pd to exit")
+
+
+def test_bad_secret_files_and_allowlists(tmp_path):
+    line = one_error_line(join(*TASK, "--secret-file", str(tmp_path / "missing"), cwd=tmp_path))
+    assert "--secret-file" in line and "cannot read" in line and "head -c 32 /dev/urandom" in line
+    (tmp_path / "short").write_bytes(b"12345")
+    line = one_error_line(join(*TASK, "--secret-file", str(tmp_path / "short"), cwd=tmp_path))
+    assert "holds 5 bytes; a secret needs at least 16" in line
+    line = one_error_line(join(*TASK, "--allow", "alice,bob", cwd=tmp_path))
+    assert "--allow" in line and "'alice' is not a peer id" in line
