@@ -396,7 +396,7 @@ class Node:
                 continue
             rounds_seen = opt.stats.outer_rounds
             now = time.monotonic()
-            members = len(self.swarm._members)
+            members = len(self.swarm.known_members)
             swarm_round = sum(opt.rounds) if hasattr(opt, "rounds") else opt.round  # the same on every node
             self.console.print(
                 f"round {swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members} | "

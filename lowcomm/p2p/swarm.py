@@ -208,6 +208,11 @@ class Swarm:
     def addrs(self) -> list[str]:
         return self.transport.addrs()
 
+    @property
+    def known_members(self) -> list[str]:
+        """Live members (self included) as of the last membership refresh (no network)."""
+        return list(self._members)
+
     def members(self) -> list[str]:
         """Live members (self included), freshly read from the membership store."""
         return self.call(self._refresh_members(), timeout=30)
