@@ -226,10 +226,11 @@ class Float4(_Blockwise):
     @staticmethod
     def _quantize(blocks, scales):
         r = blocks.abs() * _inverse(scales, 1.0)
-        mantissa, exponent = torch.frexp(r)  # r = mantissa * 2**exponent, mantissa in [0.5, 1)
-        level = exponent - (mantissa < 0.75).to(torch.int32)  # nearest power of two
+        # r's nearest power of two, 2**level, from its fp32 bits: adding half the mantissa range
+        # carries into the exponent field exactly when the mantissa is >= 1.5 (ties go up)
+        level = ((r.view(torch.int32) + 0x400000) >> 23) - 127
         k = torch.clamp(level + 7, 1, 7)
-        k = torch.where(r < 2.0 ** -7, torch.zeros_like(k), k)
+        k = torch.where(r < 2.0 ** -7, 0, k)
         return (k + (blocks < 0).to(torch.int32) * 8).to(torch.uint8)
 
     @staticmethod

@@ -193,3 +193,23 @@ def test_codec_state_resumes_randk_draws_and_is_empty_elsewhere():
         assert get_compressor(name).state_dict() == {}
     with pytest.raises(ValueError, match="keeps no state"):
         get_compressor("int8").load_state_dict(saved)
+
+
+def test_fp4_codes_follow_the_nearest_power_of_two_rule():
+    """The bit-level quantiser equals the rule written with frexp: level = nearest power of two of
+    |x| / scale (ties up), code = sign * 8 + clamp(level + 7, 1, 7), or 0 below 2**-7."""
+    from lowcomm.compressors.blockwise import Float4
+
+    def reference(blocks, scales):
+        r = blocks.abs() * torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+        mantissa, exponent = torch.frexp(r)
+        k = torch.clamp(exponent - (mantissa < 0.75).to(torch.int32) + 7, 1, 7)
+        k = torch.where(r < 2.0 ** -7, torch.zeros_like(k), k)
+        return (k + (blocks < 0).to(torch.int32) * 8).to(torch.uint8)
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 512, generator=g) * 10.0 ** torch.randint(-30, 30, (64, 1), generator=g).float()
+    x[0, :10] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 2 ** -7, -(2 ** -7), 1.5 * 2 ** -8, 0.999 * 2 ** -7, 0.75, 1.0])
+    x[1] = 0.0  # an all-zero block
+    scales = Float4._scale(x).unsqueeze(1)
+    assert torch.equal(Float4._quantize(x, scales), reference(x, scales))
