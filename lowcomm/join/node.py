@@ -11,7 +11,9 @@ trains, prints one status line per outer round, serves its state to later
 joiners, and writes a checkpoint every few rounds and on exit. A round it was
 left out of (late, or alone while others exist) makes it catch up again.
 Ctrl+C or SIGTERM gives up the round in flight, writes a checkpoint, stops the
-daemon and exits 0; a second Ctrl+C exits at once.
+daemon and exits 0; a second Ctrl+C exits at once. ``--secret-file`` and
+``--allow`` make the swarm private (`lowcomm.p2p.private`): strangers are
+refused in one line.
 """
 
 from __future__ import annotations
