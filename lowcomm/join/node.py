@@ -197,6 +197,7 @@ class Node:
         except TransportError as e:
             raise ConfigError("--listen", f"could not start the network: {e}") from None
         self.swarm.call(self._serve(), timeout=30)
+        self.console.print(f"peer id {self.swarm.peer_id} (its key: {identity})", highlight=False)
         try:
             self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm)
         except ValueError as e:

@@ -126,6 +126,7 @@ def test_a_private_swarm_admits_only_holders_of_its_secret(tmp_path):
     try:
         line = wait_until(lambda: a.grep(r"^lowcomm join --peers "), 60, "the join line")[0]
         assert f"--secret-file {secret}" in line and a.grep("a private swarm: copy")
+        assert a.grep(r"^peer id \w{40,} \(its key: checkpoints/identity.key\)")  # what --allow lists
         addr = line.split()[3]
         b = NodeProc("b", *pasted(line), cwd=tmp_path)  # the printed line, secret included
         wait_until(lambda: any(r[2] == 2 for r in b.rounds()), 90, "b to average with a")
