@@ -117,17 +117,19 @@ def draw_groups(members: Sequence[str], seed: bytes, group_size: int | None) -> 
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One fp32 vector holding every tensor, in order."""
+    """One fp32 vector in CPU memory holding every tensor, in order (a copy): what
+    codecs and transports work on, whatever device the caller trains on."""
     if not tensors:
         return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    return torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in tensors])
 
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Split a `flatten`ed vector back into tensors shaped and typed like ``like``."""
+    """Split a `flatten`ed vector back into tensors shaped, typed and placed like
+    ``like`` (views of ``vector`` where dtype and device already match)."""
     out, start = [], 0
     for t in like:
-        out.append(vector[start:start + t.numel()].view(t.shape).to(t.dtype))
+        out.append(vector[start:start + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
         start += t.numel()
     return out
 
