@@ -169,6 +169,7 @@ class Swarm:
         self._members: list[str] = []
         self._suspects: dict[str, float] = {}  # peer -> until when it is not waited for
         self._lobbies: dict[tuple[str, int], _Lobby] = {}
+        self._active: set[tuple[str, int]] = set()  # (key, round) of the rounds in flight here
         self._inboxes: dict[tuple[str, int], _Inbox] = {}
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
@@ -313,11 +314,16 @@ class Swarm:
                 del self._lobbies[k]
 
     def forget_rounds(self) -> None:
-        """Forget closed rosters and buffered messages, after this node's state
-        moved back to an earlier round (a catch-up): its rounds are run anew."""
+        """Forget closed rosters, and messages buffered for rounds not in flight here,
+        after this node's state moved to another round (a catch-up): a round it
+        goes back to is run anew. Lobbies still gathering stay: other peers' JOINs
+        for a coming round wait in them (dropping those left this node to lead
+        that round alone while they were answered without it, round after round)."""
         def forget():
-            self._lobbies.clear()
-            self._inboxes.clear()
+            for k in [k for k, lobby in self._lobbies.items() if lobby.roster is not None]:
+                del self._lobbies[k]
+            for k in [k for k in self._inboxes if k not in self._active]:
+                del self._inboxes[k]
         self.loop.call_soon_threadsafe(forget)
 
     def abort_rounds(self) -> None:
@@ -391,6 +397,7 @@ class Swarm:
 
     async def _average(self, key, round, tensors, x, p, weight, group_size, codec, compression,
                        timeout) -> AverageResult:
+        self._active.add((key, round))
         try:
             t0 = time.monotonic()
             roster = await self._matchmake(key, round, group_size or 0, weight, timeout)
@@ -413,6 +420,7 @@ class Swarm:
             log.warning("round %s/%s failed: %s: %s", key, round, type(e).__name__, e)
             return AverageResult(tensors, False, [self.peer_id], reason=f"{type(e).__name__}: {e}")
         finally:
+            self._active.discard((key, round))
             self._inboxes.pop((key, round), None)
 
     # --- matchmaking ---

@@ -1,5 +1,7 @@
 """The swarm protocol over MemoryTransport: exact means, pairs, crashes, corruption, late joiners."""
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
@@ -212,3 +214,29 @@ def test_a_slow_member_lengthens_everyones_deadlines_and_bad_records_are_ignored
         assert s.deadline_bandwidth() == 2e6
     with pytest.raises(ValueError, match="min_bandwidth"):
         Swarm(net.transport("bad"), "test", bandwidth=1e5)
+
+
+def test_a_catch_up_keeps_joins_waiting_for_a_coming_round_and_forgets_closed_ones(swarms):
+    _, (lead, b, c) = swarms(3, names=["a-lead", "b", "c"])
+    xs = [torch.full((10,), float(i)) for i in range(3)]
+    # b and c are ahead: their JOINs for round 5 wait in the leader's lobby before it gets there
+    early = [s.average("k", [x], round=5) for s, x in zip((b, c), xs[1:])]
+    deadline = time.monotonic() + 10
+    while len(lead.call(_joined(lead, "k", 5), 5)) < 2:
+        assert time.monotonic() < deadline, "the JOINs never reached the leader"
+        threading.Event().wait(0.01)
+    lead.forget_rounds()  # the leader catches up before its own round 5, as join does
+    mine = lead.average("k", [xs[0]], round=5).result()
+    results = [mine] + [h.result() for h in early]
+    for r in results:
+        assert r.participants == ["a-lead", "b", "c"] and torch.equal(r.tensors[0], torch.full((10,), 1.0))
+    # a closed roster is forgotten: the round, run again after a catch-up, forms anew
+    lead.forget_rounds()
+    again = run_round([lead, b, c], [x + 3 for x in xs], round=5)
+    assert all(r.participants == ["a-lead", "b", "c"] and torch.equal(r.tensors[0], torch.full((10,), 4.0))
+               for r in again)
+
+
+async def _joined(swarm, key, round):
+    lobby = swarm._lobbies.get((key, round))
+    return dict(lobby.joined) if lobby else {}
