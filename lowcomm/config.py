@@ -137,11 +137,15 @@ class JoinConfig:
                      "requests from other peers are refused. A node's peer id is printed when it starts.")
 
     def peer_list(self) -> list[str]:
-        return [p for p in self.peers.replace(",", " ").split() if p]
+        return _words(self.peers)
 
     def allow_list(self) -> list[str] | None:
-        ids = [p for p in self.allow.replace(",", " ").split() if p]
-        return ids or None
+        return _words(self.allow) or None
+
+
+def _words(text: str) -> list[str]:
+    """The comma- or space-separated items of a flag's value."""
+    return text.replace(",", " ").split()
 
 
 def parse_count(flag: str, text: str) -> int:

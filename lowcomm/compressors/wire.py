@@ -68,12 +68,18 @@ def frame(header: dict, body: Sequence[Buffer] = ()) -> list[Buffer]:
     return [len(head).to_bytes(4, "little") + head + padding(4 + len(head)), *body]
 
 
+def byte_view(data: Buffer) -> memoryview:
+    """``data`` as a view of unsigned bytes (no copy), whatever a memoryview's format."""
+    view = memoryview(data)
+    return view.cast("B") if view.format != "B" else view
+
+
 def unframe(data: Buffer, what: str, **limits) -> tuple[object, memoryview]:
     """Split a frame into its unpacked header and a view of its body (no copy).
     ``limits`` go to `msgpack.unpackb`. Raises `WireFormatError`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"expected bytes, got {type(data).__name__}")
-    view = memoryview(data).cast("B") if isinstance(data, memoryview) and data.format != "B" else memoryview(data)
+    view = byte_view(data)
     if len(view) < 4:
         raise WireFormatError(f"a {what} of {len(view)} bytes is too short to hold a msgpack header")
     size = int.from_bytes(view[:4], "little")

@@ -23,7 +23,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from lowcomm.compressors import MAX_BLOB_BYTES
 from lowcomm.p2p.transport import (
-    BootstrapFailed, Handler, Message, PeerUnreachable, TransportError, chunks, segments,
+    BootstrapFailed, Handler, Message, PeerUnreachable, TransportError, chunks, message_size,
 )
 
 log = logging.getLogger("lowcomm.p2p.hivemind")
@@ -54,7 +54,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
 async def _write_frame(writer: asyncio.StreamWriter, data: Message) -> None:
     """Length, then the bytes in pieces, waiting for each to drain: the stream's
     buffer stays small instead of holding a copy of a large payload."""
-    writer.write(sum(len(s) for s in segments(data)).to_bytes(_LEN, "big"))
+    writer.write(message_size(data).to_bytes(_LEN, "big"))
     for piece in chunks(data):
         writer.write(piece)
         await writer.drain()

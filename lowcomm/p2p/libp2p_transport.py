@@ -44,7 +44,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from lowcomm.compressors import MAX_BLOB_BYTES
 from lowcomm.p2p.transport import (
-    BootstrapFailed, Handler, Message, PeerUnreachable, TransportError, chunks, segments,
+    BootstrapFailed, Handler, Message, PeerUnreachable, TransportError, chunks, message_size,
 )
 
 log = logging.getLogger("lowcomm.p2p.libp2p")
@@ -97,7 +97,7 @@ async def _read_frame(stream) -> bytes:
 
 
 async def _write_frame(stream, data: Message) -> None:
-    await stream.write(sum(len(s) for s in segments(data)).to_bytes(_LEN, "big"))
+    await stream.write(message_size(data).to_bytes(_LEN, "big"))
     for piece in chunks(data):
         await stream.write(bytes(piece))  # py-libp2p's muxers want bytes
 

@@ -73,7 +73,7 @@ from lowcomm.compressors import (
 )
 from lowcomm.p2p import messages
 from lowcomm.p2p.private import make_private
-from lowcomm.p2p.transport import PeerUnreachable, Transport
+from lowcomm.p2p.transport import PeerUnreachable, Transport, message_size
 
 log = logging.getLogger("lowcomm.p2p")
 
@@ -110,7 +110,7 @@ class _Part:
 
     @property
     def size(self) -> int:
-        return sum(len(s) for s in self.segments)
+        return message_size(self.segments)
 
 
 @dataclass
@@ -287,11 +287,10 @@ class Swarm:
         rate = nbytes * 8 / seconds
         self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
 
-    def deadline_bandwidth(self, group: Sequence[str] = ()) -> float:
+    def deadline_bandwidth(self) -> float:
         """The rate deadlines are sized for: the slowest of this node's estimate and
-        the rates published by ``group`` (default: every member), at least ``min_bandwidth``."""
-        peers = group or self._members
-        rates = [self.bandwidth_estimate()] + [self._published[p] for p in peers
+        the rates the other members publish, at least ``min_bandwidth``."""
+        rates = [self.bandwidth_estimate()] + [self._published[p] for p in self._members
                                                if p != self.peer_id and p in self._published]
         return max(self.min_bandwidth, min(rates))
 
@@ -393,7 +392,6 @@ class Swarm:
         coro = self._average(key, round, tensors, x, p, float(weight), group_size, codec, compressor, timeout)
         future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
         return SwarmHandle(future, tensors, default_timeout=4 * timeout + self.window + 5)
-
 
     async def _average(self, key, round, tensors, x, p, weight, group_size, codec, compression,
                        timeout) -> AverageResult:
@@ -570,13 +568,10 @@ class Swarm:
         me, n = group.index(self.peer_id), len(group)
         bounds = shard_bounds(x.numel(), n)
 
-        def pack_shards():
-            packed = [self._pack(codec, p[lo:hi]) for lo, hi in bounds]
-            return [self._part(key, round, "part", j, weight, [], blob) for j, (blob, _) in enumerate(packed)], \
-                [decoded for _, decoded in packed]
-
         t0 = time.monotonic()
-        parts_out, mine = await self._run(pack_shards)
+        packed = await self._run(lambda: [self._pack(codec, p[lo:hi]) for lo, hi in bounds])
+        blobs, mine = [blob for blob, _ in packed], [decoded for _, decoded in packed]
+        parts_out = [self._part(key, round, "part", j, weight, [], blob) for j, blob in enumerate(blobs)]
         start = time.monotonic()
         sent = await asyncio.gather(*(self._send(group[j], parts_out[j], timeout) for j in range(n) if j != me))
         bytes_sent = sum(sent)
@@ -626,8 +621,7 @@ class Swarm:
         # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
         missing = [j for j in range(n) if j != me and not averaged[j]]
         mine_to_back = [j for j in missing if (j + 1) % n != me]
-        sends = [self._send(group[(j + 1) % n], self._part(key, round, "bpart", j, weight, [],
-                                                           parts_out[j].segments[1:]), timeout)
+        sends = [self._send(group[(j + 1) % n], self._part(key, round, "bpart", j, weight, [], blobs[j]), timeout)
                  for j in mine_to_back]
         for j in [j for j in missing if (j + 1) % n == me]:
             sends.append(self._back_up(key, round, j, group, bounds, parts, weight, mine[j], codec, start, timeout))

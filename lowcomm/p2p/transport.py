@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable, Protocol, Sequence, Union
 
 from lowcomm.compressors import Buffer
+from lowcomm.compressors.wire import byte_view
 
 #: A protocol handler: (sender peer id, request bytes) -> response bytes.
 Handler = Callable[[str, bytes], Awaitable[bytes]]
@@ -32,8 +33,12 @@ CHUNK_BYTES = 1 << 20
 def segments(data: Message) -> list[memoryview]:
     """``data`` as a list of byte views (no copy)."""
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    return [memoryview(p).cast("B") if isinstance(p, memoryview) and p.format != "B" else memoryview(p)
-            for p in parts]
+    return [byte_view(p) for p in parts]
+
+
+def message_size(data: Message) -> int:
+    """Bytes in ``data`` (all its segments)."""
+    return sum(len(s) for s in segments(data))
 
 
 def chunks(data: Message, size: int = CHUNK_BYTES):
