@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
 import socket
 import time
@@ -358,14 +359,14 @@ class Node:
     def _print_join_line(self) -> None:
         cfg = self.cfg
         addr = self.swarm.addrs()[0]
-        extra = [f"--run-id {cfg.run_id}"] if cfg.run_id != "lowcomm" else []
+        extra = [f"--run-id {shlex.quote(cfg.run_id)}"] if cfg.run_id != "lowcomm" else []
         for flag, value, default in (("--backend", cfg.backend, "hivemind"),
                                      ("--task", cfg.task, "tinylm"), ("--data", cfg.data, ""),
                                      ("--algorithm", cfg.algorithm, "diloco"), ("--compressor", cfg.compressor, ""),
                                      ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0),
                                      ("--secret-file", cfg.secret_file, ""), ("--allow", cfg.allow, "")):
             if value != default:
-                extra.append(f"{flag} {value}")
+                extra.append(f"{flag} {shlex.quote(str(value))}")  # pasted into a shell as printed
         line = " ".join(["lowcomm join --peers", addr, *extra])
         self.console.rule("[bold]swarm started")
         self.console.print("Other nodes join with:", highlight=False)
