@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DiLoCo": "lowcomm.optimizers", "StreamingDiLoCo": "lowcomm.optimizers", "NoLoCo": "lowcomm.optimizers",
+    "SparseLoCo": "lowcomm.optimizers",
     "DataParallel": "lowcomm.optimizers", "CompressedDataParallel": "lowcomm.optimizers",
     "LocalSwarm": "lowcomm.sim", "get_compressor": "lowcomm.compressors", "ErrorFeedback": "lowcomm.compressors",
 }

@@ -32,55 +32,102 @@ def opt(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-ALGORITHMS = ("ddp", "diloco", "streaming", "noloco")
+@dataclass
+class OuterConfig:
+    """Settings of the outer algorithms, shared by `simulate`, `plan` and `join`.
+    A zero (or -1, or empty) value means the algorithm's own default, from
+    `lowcomm.optimizers.registry` (the optimizer classes' constructors)."""
+
+    sync_every: int = opt(0, "H, inner steps between outer syncs of a fragment (0: the algorithm's default, 20).")
+    outer_lr: float = opt(0.0, "Outer learning rate (0: the algorithm's default; see `lowcomm.optimizers`).")
+    outer_momentum: float = opt(-1.0, "Outer momentum (-1: the algorithm's default).")
+    compressor: str = opt("", "Codec for the outer algorithms' traffic (empty: the algorithm's default: none for "
+                          "diloco/noloco, fp4 for streaming, topk with 2-bit values for sparseloco, topk for dgc; "
+                          "ddp always sends fp32).")
+    error_feedback: bool = opt(False, "Keep compression residuals (error feedback) in diloco, streaming and noloco "
+                               "(sparseloco and dgc always do).")
+    group_size: int = opt(0, "Group size for partial averaging (0: the algorithm's default: everyone; noloco 2).")
+    fragments: int = opt(0, "Streaming DiLoCo: parameter fragments P (0: the largest P <= 4 dividing H).")
+    delay: int = opt(-1, "Streaming DiLoCo: tau, steps of compute that overlap a fragment's exchange, < H/P "
+                     "(-1: the default, 1).")
+    alpha: float = opt(-1.0, "Streaming DiLoCo: weight of the local weights when a fragment's mean arrives "
+                       "(-1: the default, 0.5).")
+
+    def outer_options(self) -> dict[str, Any]:
+        """The outer settings given, as constructor arguments (None: the algorithm's default)."""
+        given = {"sync_every": self.sync_every or None, "outer_lr": self.outer_lr or None,
+                 "outer_momentum": None if self.outer_momentum < 0 else self.outer_momentum,
+                 "compressor": self.compressor or None, "error_feedback": self.error_feedback or None,
+                 "group_size": self.group_size or None, "fragments": self.fragments or None,
+                 "delay": None if self.delay < 0 else self.delay, "alpha": None if self.alpha < 0 else self.alpha}
+        return given
+
+    def check_outer(self) -> None:
+        """Range checks of the outer settings (each algorithm's constructor checks the rest)."""
+        for flag, value, lo in (("--sync-every", self.sync_every, 0), ("--group-size", self.group_size, 0),
+                                ("--fragments", self.fragments, 0), ("--delay", self.delay, -1)):
+            if value < lo:
+                raise ConfigError(flag, f"must be >= {lo}, got {value}")
+        if self.group_size == 1:
+            raise ConfigError("--group-size", "must be 0 (the algorithm's default) or >= 2")
+        if self.alpha != -1.0 and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("--alpha", f"must be in [0, 1] (or -1 for the default), got {self.alpha}")
+        if self.outer_lr < 0:
+            raise ConfigError("--outer-lr", f"must be positive (or 0 for the default), got {self.outer_lr}")
+        if self.outer_momentum >= 1:
+            raise ConfigError("--outer-momentum", f"must be below 1 (or -1 for the default), got {self.outer_momentum}")
+        if self.compressor:
+            from lowcomm.compressors import codec_names
+            if self.compressor not in codec_names():
+                raise ConfigError("--compressor", f"unknown codec {self.compressor!r}; choose from "
+                                                  f"{', '.join(codec_names())}")
+
+
+def algorithm_names(text: str) -> list[str]:
+    """The algorithms of a comma-separated ``--algorithms`` value, checked against the registry."""
+    from lowcomm.optimizers.registry import ALGORITHMS
+
+    algs = [a.strip() for a in text.split(",") if a.strip()]
+    for a in algs:
+        if a not in ALGORITHMS:
+            raise ConfigError("--algorithms", f"unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}")
+    if not algs:
+        raise ConfigError("--algorithms", "name at least one algorithm")
+    return algs
 
 
 @dataclass
-class SimulateConfig:
+class SimulateConfig(OuterConfig):
     """Settings of `lowcomm simulate` (see each field's help)."""
 
     workers: int = opt(4, "Number of simulated workers.")
-    algorithms: str = opt("ddp,diloco,streaming,noloco", "Comma-separated algorithms to compare: "
-                          "ddp, diloco, streaming, noloco.")
+    algorithms: str = opt("ddp,diloco,streaming,noloco,sparseloco", "Comma-separated algorithms to compare: "
+                          "ddp, dgc, diloco, streaming, noloco, sparseloco.")
     steps: int = opt(400, "Inner steps per worker (every algorithm sees the same tokens).")
     tokens: int = opt(0, "Total training tokens over all workers; if set, overrides --steps.")
     lr: float = opt(0.0, "Inner AdamW learning rate (0: the task's default).")
     batch_size: int = opt(0, "Sequences per worker per step (0: the task's default; tinylm 16).")
-    schedule: str = opt("constant", "Inner learning-rate schedule, the same for every algorithm: constant, or "
-                        "cosine (5% linear warm-up, then cosine decay to 10%).")
-    outer_lr: float = opt(0.0, "Outer learning rate (0: the algorithm's default, 0.7).")
-    outer_momentum: float = opt(-1.0, "Outer momentum (-1: the algorithm's default, diloco 0.9, noloco 0.5).")
-    sync_every: int = opt(0, "H, inner steps between outer syncs (0: per algorithm, diloco/streaming 100, noloco 50).")
-    fragments: int = opt(2, "Streaming DiLoCo: parameter fragments P (H must be divisible by P).")
-    delay: int = opt(5, "Streaming DiLoCo: tau, steps of compute that overlap a fragment's exchange (< H/P).")
-    alpha: float = opt(0.5, "Streaming DiLoCo: weight of the local weights when a fragment's mean arrives.")
-    compressor: str = opt("", "Codec for the outer algorithms' traffic (empty: none for diloco/noloco, fp4 for "
-                          "streaming; DDP always sends fp32).")
-    error_feedback: bool = opt(False, "Keep compression residuals (error feedback) in the outer algorithms.")
-    group_size: int = opt(0, "Group size for partial averaging (0: everyone; NoLoCo defaults to 2).")
+    schedule: str = opt("cosine", "Inner learning-rate schedule, the same for every algorithm: cosine (5% linear "
+                        "warm-up, then cosine decay to 10%), or constant.")
+    shards: str = opt("iid", "How the task's data is split over workers: iid (every worker samples the whole "
+                      "training set) or noniid (each worker a part of its own; the task's docstring says which).")
     bandwidth: str = opt("100Mbit", "Per-worker link bandwidth each way, e.g. 100Mbit, 1Gbit, 12.5MB/s.")
     latency: str = opt("50ms", "Latency per message hop, e.g. 50ms.")
     step_time: str = opt("auto", "Compute time of one inner step, e.g. 200ms; 'auto' measures it here on one core.")
     eval_every: int = opt(50, "Inner steps between evaluations of the held-out loss.")
     seed: int = opt(0, "Seed for weights, data order and group draws.")
-    task: str = opt("tinylm", "Task: tinylm or module:function returning a lowcomm.tasks.Task.")
+    task: str = opt("tinylm", "Task: tinylm, codeclass, terrain, or module:function returning a lowcomm.tasks.Task.")
     data: str = opt("", "Folder of text files for tinylm (empty: the Python standard library's sources).")
     name: str = opt("", "Run name; results go to <out>/<name> (empty: simulate-<seed>).")
     out: str = opt("runs", "Folder for run outputs.")
     progress: bool = opt(True, "Show a progress bar.")
 
     def algorithm_list(self) -> list[str]:
-        algs = [a.strip() for a in self.algorithms.split(",") if a.strip()]
-        for a in algs:
-            if a not in ALGORITHMS:
-                raise ConfigError("--algorithms", f"unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}")
-        if not algs:
-            raise ConfigError("--algorithms", "name at least one algorithm")
-        return algs
+        return algorithm_names(self.algorithms)
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(OuterConfig):
     """Settings of `lowcomm plan` (no training; see each field's help)."""
 
     params: str = opt("100M", "Model parameter count, e.g. 125M, 1.3B, 350000.")
@@ -88,35 +135,24 @@ class PlanConfig:
     workers: int = opt(4, "Number of workers.")
     bandwidth: str = opt("100Mbit", "Per-worker link bandwidth each way, e.g. 100Mbit, 1Gbit.")
     latency: str = opt("50ms", "Latency per message hop.")
-    algorithms: str = opt("ddp,diloco,streaming,noloco", "Comma-separated algorithms.")
-    sync_every: int = opt(0, "H (0: diloco/streaming 100, noloco 50).")
-    fragments: int = opt(2, "Streaming DiLoCo fragments P.")
-    delay: int = opt(5, "Streaming DiLoCo overlap tau, in steps.")
-    compressor: str = opt("", "Codec of the outer algorithms (empty: none, fp4 for streaming).")
-    group_size: int = opt(0, "Group size (0: everyone; NoLoCo defaults to 2).")
+    algorithms: str = opt("ddp,diloco,streaming,noloco,sparseloco", "Comma-separated algorithms (ddp, dgc, "
+                          "diloco, streaming, noloco, sparseloco).")
     steps: int = opt(0, "Horizon in inner steps (0: 20 sync periods).")
 
     def algorithm_list(self) -> list[str]:
-        return SimulateConfig(algorithms=self.algorithms).algorithm_list()
+        return algorithm_names(self.algorithms)
 
 
 @dataclass
-class JoinConfig:
+class JoinConfig(OuterConfig):
     """Settings of `lowcomm join` (see each field's help)."""
 
     peers: str = opt("", "Multiaddrs of peers already in the swarm, comma- or space-separated "
                      "(empty: start a new swarm and print the line others should run).")
     run_id: str = opt("lowcomm", "Name of the training run; nodes of other runs are refused.")
-    task: str = opt("tinylm", "Task: tinylm or module:function returning a lowcomm.tasks.Task.")
+    task: str = opt("tinylm", "Task: tinylm, codeclass, terrain, or module:function returning a lowcomm.tasks.Task.")
     data: str = opt("", "Folder of text files for tinylm (empty: the Python standard library's sources).")
-    algorithm: str = opt("diloco", "Outer algorithm: diloco, streaming or noloco.")
-    compressor: str = opt("", "Codec for outer traffic (empty: none; fp4 for streaming).")
-    error_feedback: bool = opt(False, "Keep compression residuals (error feedback).")
-    sync_every: int = opt(0, "H, inner steps between outer syncs (0: diloco/streaming 100, noloco 50).")
-    fragments: int = opt(2, "Streaming DiLoCo fragments P.")
-    delay: int = opt(5, "Streaming DiLoCo overlap tau, in steps.")
-    alpha: float = opt(0.5, "Streaming DiLoCo merge weight of local weights.")
-    group_size: int = opt(0, "Group size (0: everyone; NoLoCo defaults to 2).")
+    algorithm: str = opt("diloco", "Outer algorithm: diloco, streaming, noloco or sparseloco.")
     lr: float = opt(0.0, "Inner learning rate (0: the task's default).")
     batch_size: int = opt(0, "Sequences per step (0: the task's default).")
     seed: int = opt(0, "Seed of the initial weights (the same on every node) and of this node's data order.")

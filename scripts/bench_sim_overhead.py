@@ -20,7 +20,7 @@ import torch
 
 from lowcomm.config import SimulateConfig
 from lowcomm.sim.network import Network
-from lowcomm.optimizers.factory import settings_for
+from lowcomm.optimizers.registry import settings_for
 from lowcomm.sim.runner import run_algorithm
 from lowcomm.tasks import load_task
 
@@ -40,7 +40,7 @@ def plain(task, steps: int, seed: int, lr: float) -> float:
 def simulated(task, steps: int, seed: int, lr: float) -> float:
     cfg = SimulateConfig(workers=1, algorithms="ddp", steps=steps, eval_every=steps, seed=seed, lr=lr,
                          progress=False)
-    run = run_algorithm(cfg, task, settings_for("ddp", cfg), steps, 0.01, Network(1e8, 0.05))
+    run = run_algorithm(cfg, task, settings_for("ddp"), steps, 0.01, Network(1e8, 0.05))
     return run.records[-1].eval_loss
 
 

@@ -10,6 +10,19 @@ chunk (density times its length, at least 1). The rest decompress as zeros.
 - ``randk`` keeps k uniformly random coordinates of each chunk; the indices are
   regenerated from a seed carried in the payload, so only values travel
   (Stich et al. 2018). Values are not rescaled: pair it with error feedback.
+
+Kept values travel as fp16, bf16 or fp32, or with ``values="int2"`` as 2-bit
+codes plus two fp32 levels per chunk (SparseLoCo's 2-bit values; Sarfi et
+al. 2025). Each code is a sign bit and a magnitude bit: a kept value is
+"high" when ``|v| >= (min|v| + max|v|) / 2`` over the chunk's kept values,
+and it decodes to ``sign(v)`` times the mean ``|v|`` of the kept values of
+its chunk on the same side (0 for a side with none). Decoding each bin to the
+mean of what fell in it is the rule of SparseLoCo's reference quantiser
+(tplr ``TopKCompressor._quantize_values``: 4 bins, each decoded through a
+table of bin means); here the bins are sign-symmetric and the table is per
+chunk, 2 x 32 bits. Per chunk of ``chunk_size`` values with k kept that is
+``k * (index_bits + 2) + 64`` bits for ``topk`` (960 bits for k = 64 of 4096:
+0.23 bits per value) and ``2 k + 64`` for ``randk``.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from lowcomm.compressors.errors import WireFormatError
 from lowcomm.compressors.payload import BUFFER_DTYPES, Payload
 
 MAX_CHUNK = 1 << 24
-VALUE_DTYPES = ("fp16", "bf16", "fp32")
+VALUE_DTYPES = ("fp16", "bf16", "fp32", "int2")
 _WIRE_VALUE = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _FLOYD_MAX_K = 64  # above this many picks per chunk, random keys + topk is cheaper
 
@@ -38,6 +51,27 @@ def index_bits(chunk_size: int) -> int:
 def _split(numel: int, chunk: int) -> tuple[int, int]:
     """(number of full chunks, length of the short last chunk or 0)."""
     return numel // chunk, numel % chunk
+
+
+def int2_quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-bit codes for the kept values of each chunk, one chunk per row (see the
+    module doc): ``codes`` (rows, k) int64, ``2 * negative + high``, and
+    ``levels`` (rows, 2) fp32, the [low, high] magnitudes they decode to."""
+    mag = rows.abs()
+    lo, hi = torch.aminmax(mag, dim=1)
+    mid = torch.minimum(lo / 2 + hi / 2, hi).unsqueeze(1)  # <= max|v|, so "high" is never empty
+    high = mag >= mid
+    n_high = high.sum(1)
+    level_hi = torch.where(high, mag, 0.0).sum(1) / n_high
+    level_lo = torch.where(high, 0.0, mag).sum(1) / (rows.shape[1] - n_high).clamp(min=1)
+    level_lo = torch.minimum(level_lo, level_hi)  # means can round across mid; keep low <= high
+    return (rows < 0).to(torch.int64) * 2 + high, torch.stack([level_lo, level_hi], dim=1)
+
+
+def int2_dequantize(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Inverse of `int2_quantize`: (rows, k) fp32 values."""
+    mag = levels.gather(1, codes & 1)
+    return torch.where(codes >= 2, -mag, mag)
 
 
 class _Sparse(Compressor):
@@ -85,11 +119,52 @@ class _Sparse(Compressor):
         return _split(numel, options["chunk_size"])[0] * options["k"] + options["k_tail"]
 
     @staticmethod
-    def _scatter(payload: Payload, indices: list[torch.Tensor]) -> torch.Tensor:
+    def _rows(v: torch.Tensor, options: dict, numel: int) -> list[torch.Tensor]:
+        """Kept values (or their codes) as one 2-D block per chunk size: (full, k), then (1, k_tail)."""
+        full, tail = _split(numel, options["chunk_size"])
+        k_full = full * options["k"]
+        rows = [v[:k_full].view(full, options["k"])] if full else []
+        return (rows + [v[k_full:].view(1, -1)]) if tail else rows
+
+    @classmethod
+    def _value_spec(cls, options: dict, numel: int) -> dict[str, tuple[str, int]]:
+        kept = cls._kept(options, numel)
+        if options["values"] != "int2":
+            return {"values": (_WIRE_VALUE[options["values"]], kept)}
+        full, tail = _split(numel, options["chunk_size"])
+        return {"values": ("uint8", packed_size(kept, 2)), "scales": ("float32", 2 * (full + bool(tail)))}
+
+    def _encode_values(self, v: torch.Tensor, numel: int) -> dict[str, torch.Tensor]:
+        """The value buffers for the kept fp32 values ``v`` of a tensor of ``numel`` values."""
+        if self.values != "int2":
+            return {"values": v.to(BUFFER_DTYPES[_WIRE_VALUE[self.values]])}
+        rows = self._rows(v, self.wire_options(numel), numel)
+        coded = [int2_quantize(r) for r in rows]
+        codes = torch.cat([c.reshape(-1) for c, _ in coded]) if coded else torch.zeros(0, dtype=torch.int64)
+        levels = torch.cat([lv.reshape(-1) for _, lv in coded]) if coded else torch.zeros(0)
+        return {"values": pack(codes, 2), "scales": levels}
+
+    @classmethod
+    def _values(cls, payload: Payload) -> torch.Tensor:
+        """The kept values in fp32, dequantised where they travel as codes."""
+        o = payload.options
+        if o["values"] != "int2":
+            return payload.buffers["values"].to(torch.float32)
+        kept = cls._kept(o, payload.numel)
+        codes = cls._rows(unpack(payload.buffers["values"], 2, kept).to(torch.int64), o, payload.numel)
+        levels = payload.buffers["scales"].view(-1, 2)
+        parts, row = [], 0
+        for c in codes:
+            parts.append(int2_dequantize(c, levels[row:row + c.shape[0]]).reshape(-1))
+            row += c.shape[0]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    @classmethod
+    def _scatter(cls, payload: Payload, indices: list[torch.Tensor]) -> torch.Tensor:
         """Place the payload's values at (full-chunk, tail) indices; zeros elsewhere."""
         chunk = payload.options["chunk_size"]
         full, tail = _split(payload.numel, chunk)
-        values = payload.buffers["values"].to(torch.float32)
+        values = cls._values(payload)
         out = torch.zeros(payload.numel, dtype=torch.float32)
         k_full = full * payload.options["k"]
         if full:
@@ -98,7 +173,8 @@ class _Sparse(Compressor):
             out[full * chunk:].scatter_(0, indices[1], values[k_full:])
         return restore(out, payload)
 
-    def _gather(self, flat: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    def _gather(self, flat: torch.Tensor, indices: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The value buffers for the values of ``flat`` at (full-chunk, tail) indices."""
         chunk = self.chunk_size
         full, tail = _split(flat.numel(), chunk)
         parts = []
@@ -106,12 +182,21 @@ class _Sparse(Compressor):
             parts.append(flat[:full * chunk].view(full, chunk).gather(1, indices[0]).reshape(-1))
         if tail:
             parts.append(flat[full * chunk:][indices[1]])
-        v = torch.cat(parts) if parts else flat.new_zeros(0)
-        return v.to(BUFFER_DTYPES[_WIRE_VALUE[self.values]])
+        return self._encode_values(torch.cat(parts) if parts else flat.new_zeros(0), flat.numel())
 
     @classmethod
     def check_buffers(cls, payload: Payload) -> None:
-        require_finite("values", payload.buffers["values"])
+        if payload.options["values"] != "int2":
+            require_finite("values", payload.buffers["values"])
+            return
+        levels = payload.buffers["scales"]
+        require_finite("scales", levels)
+        if levels.numel() and bool((levels < 0).any()):
+            raise WireFormatError("buffer 'scales' holds negative values; int2 levels are magnitudes")
+        pairs = levels.view(-1, 2)
+        if bool((pairs[:, 0] > pairs[:, 1]).any()):
+            raise WireFormatError("buffer 'scales' holds a low level above its chunk's high level")
+        # every 2-bit code is valid; trailing pad bits of the code buffer are ignored
 
 
 @register
@@ -132,7 +217,7 @@ class TopK(_Sparse):
             indices[1] = mags.topk(self._k_tail(tail), sorted=False).indices.sort().values
         packed = pack(torch.cat([indices[0].reshape(-1), indices[1]]), index_bits(self.chunk_size))
         return new_payload(self.name, self.wire_options(flat.numel()), x,
-                           indices=packed, values=self._gather(flat, indices))
+                           indices=packed, **self._gather(flat, indices))
 
     @classmethod
     def _indices(cls, payload: Payload) -> list[torch.Tensor]:
@@ -154,7 +239,7 @@ class TopK(_Sparse):
     def buffer_spec(cls, options: dict, numel: int) -> dict[str, tuple[str, int]]:
         kept = cls._kept(options, numel)
         return {"indices": ("uint8", packed_size(kept, index_bits(options["chunk_size"]))),
-                "values": (_WIRE_VALUE[options["values"]], kept)}
+                **cls._value_spec(options, numel)}
 
     @classmethod
     def check_buffers(cls, payload: Payload) -> None:
@@ -235,7 +320,7 @@ class RandK(_Sparse):
         draw_seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         options = {**self.wire_options(flat.numel()), "seed": draw_seed}
         indices = self._indices(options, flat.numel(), draw_seed)
-        return new_payload(self.name, options, x, values=self._gather(flat, indices))
+        return new_payload(self.name, options, x, **self._gather(flat, indices))
 
     @classmethod
     def decompress_payload(cls, payload: Payload) -> torch.Tensor:
@@ -249,4 +334,4 @@ class RandK(_Sparse):
 
     @classmethod
     def buffer_spec(cls, options: dict, numel: int) -> dict[str, tuple[str, int]]:
-        return {"values": (_WIRE_VALUE[options["values"]], cls._kept(options, numel))}
+        return cls._value_spec(options, numel)

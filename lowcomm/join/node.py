@@ -25,6 +25,7 @@ import shlex
 import signal
 import socket
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import msgpack
@@ -34,10 +35,10 @@ from rich.markup import escape
 
 from lowcomm.checkpoint import CheckpointError, load_state, save_state, state_from_bytes, state_to_bytes
 from lowcomm.compressors import wire_size
-from lowcomm.config import ConfigError, JoinConfig, SimulateConfig
+from lowcomm.config import ConfigError, JoinConfig, OuterConfig
 from lowcomm.join.settings import differences, run_settings, settings_hash
 from lowcomm.sim.report import format_bytes
-from lowcomm.optimizers.factory import build_optimizer, settings_for
+from lowcomm.optimizers.registry import ALGORITHMS, build_optimizer, settings_for
 from lowcomm.p2p.private import MIN_SECRET_BYTES, REFUSED, Unauthorized
 from lowcomm.tasks import TaskError, load_task
 
@@ -111,10 +112,11 @@ class Node:
         cfg = self.cfg
         if cfg.backend not in ("hivemind", "libp2p"):
             raise ConfigError("--backend", f"must be hivemind or libp2p, got {cfg.backend!r}")
-        if cfg.algorithm not in ("diloco", "streaming", "noloco"):
-            raise ConfigError("--algorithm", f"must be diloco, streaming or noloco, got {cfg.algorithm!r}")
-        for flag, value in (("--max-steps", cfg.max_steps), ("--sync-every", cfg.sync_every),
-                            ("--batch-size", cfg.batch_size)):
+        outer = [name for name, spec in ALGORITHMS.items() if spec.sync_every is not None]
+        if cfg.algorithm not in outer:
+            raise ConfigError("--algorithm", f"must be one of {', '.join(outer)}, got {cfg.algorithm!r}")
+        cfg.check_outer()
+        for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size)):
             if value < 0:
                 raise ConfigError(flag, f"must be >= 0, got {value}")
         if cfg.checkpoint_every < 1:
@@ -140,9 +142,7 @@ class Node:
             self.task = load_task(cfg.task, **options)
         except TaskError as e:
             raise ConfigError("--data" if "--data" in str(e) else "--task", str(e)) from None
-        sim = SimulateConfig(sync_every=cfg.sync_every, fragments=cfg.fragments, delay=cfg.delay, alpha=cfg.alpha,
-                             compressor=cfg.compressor, error_feedback=cfg.error_feedback, group_size=cfg.group_size)
-        self.settings = settings_for(cfg.algorithm, sim)
+        self.settings = settings_for(cfg.algorithm, cfg.outer_options())
         self.model = self.task.make_model(cfg.seed)
         self.inner = self.task.make_inner(self.model, cfg.lr or self.task.default_lr)
         self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings)
@@ -360,13 +360,15 @@ class Node:
         cfg = self.cfg
         addr = self.swarm.addrs()[0]
         extra = [f"--run-id {shlex.quote(cfg.run_id)}"] if cfg.run_id != "lowcomm" else []
-        for flag, value, default in (("--backend", cfg.backend, "hivemind"),
-                                     ("--task", cfg.task, "tinylm"), ("--data", cfg.data, ""),
-                                     ("--algorithm", cfg.algorithm, "diloco"), ("--compressor", cfg.compressor, ""),
-                                     ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0),
-                                     ("--secret-file", cfg.secret_file, ""), ("--allow", cfg.allow, "")):
-            if value != default:
-                extra.append(f"{flag} {shlex.quote(str(value))}")  # pasted into a shell as printed
+        shared = ["backend", "task", "data", "algorithm", *(f.name for f in fields(OuterConfig)), "secret_file",
+                  "allow"]  # what every node must set alike
+        defaults = JoinConfig()
+        for name in shared:
+            flag, value = "--" + name.replace("_", "-"), getattr(cfg, name)
+            if value == getattr(defaults, name):
+                continue
+            # pasted into a shell as printed
+            extra.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
         line = " ".join(["lowcomm join --peers", addr, *extra])
         self.console.rule("[bold]swarm started")
         self.console.print("Other nodes join with:", highlight=False)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 
 from torch import nn
 
-from lowcomm.optimizers.factory import Settings
+from lowcomm.optimizers.registry import Settings
 
 
 def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings) -> dict:
@@ -16,7 +15,8 @@ def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings
     the outer algorithm's settings (not learning rate or batch size, which are
     each node's own)."""
     shapes = [[name, list(p.shape)] for name, p in model.named_parameters()]
-    return {"task": task_spec, "data": data, "parameters": shapes, **asdict(settings)}
+    return {"task": task_spec, "data": data, "parameters": shapes, "algorithm": settings.algorithm,
+            **settings.options, "sync_every": settings.sync_every}
 
 
 def settings_hash(settings: dict) -> str:

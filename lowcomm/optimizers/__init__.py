@@ -4,6 +4,7 @@ from lowcomm.optimizers.base import OuterOptimizer, Stats
 from lowcomm.optimizers.data_parallel import CompressedDataParallel, DataParallel
 from lowcomm.optimizers.diloco import DiLoCo, StreamingDiLoCo
 from lowcomm.optimizers.noloco import NoLoCo
+from lowcomm.optimizers.sparseloco import SparseLoCo
 
-__all__ = ["CompressedDataParallel", "DataParallel", "DiLoCo", "NoLoCo", "OuterOptimizer", "Stats",
+__all__ = ["CompressedDataParallel", "DataParallel", "DiLoCo", "NoLoCo", "OuterOptimizer", "SparseLoCo", "Stats",
            "StreamingDiLoCo"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lowcomm.averaging import AverageHandle, AverageResult, Averager, DoneHandle, check_group_size
-from lowcomm.compressors import Compressor
+from lowcomm.compressors import Compressor, ErrorFeedback
 from lowcomm.optimizers.base import (
     OuterOptimizer, Params, fragment_indices, make_compression, named_params, units,
 )
@@ -50,8 +50,10 @@ class DiLoCo(OuterOptimizer):
         delay: tau, inner steps between sending a fragment and applying its mean,
             during which training continues [0]; must be < H / P.
         alpha: merge weight of the local weights when a mean arrives, in [0, 1] [0.0].
-        compressor: codec name or instance for outer gradients on the wire ["none"].
-        error_feedback: keep compression residuals per fragment [False].
+        compressor: codec name or instance for outer gradients on the wire, or an
+            `ErrorFeedback` wrapping one (to pick its decay beta) ["none"].
+        error_feedback: keep compression residuals per fragment [False]; with
+            an `ErrorFeedback` as ``compressor`` it is already on: leave False.
         group_size: None averages with everyone ready; k with random groups of k.
         weight: this worker's weight in group means (e.g. its batch size) [1.0].
         timeout: seconds to wait for a mean before using the local delta (None:
@@ -63,7 +65,7 @@ class DiLoCo(OuterOptimizer):
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager, *,
                  sync_every: int = 500, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  nesterov: bool = True, fragments: int = 1, fragment_strategy: str = "strided",
-                 delay: int = 0, alpha: float = 0.0, compressor: str | Compressor | None = "none",
+                 delay: int = 0, alpha: float = 0.0, compressor: str | Compressor | ErrorFeedback | None = "none",
                  error_feedback: bool = False, group_size: int | None = None, weight: float = 1.0,
                  timeout: float | None = None):
         super().__init__(params, inner, averager)
@@ -82,6 +84,9 @@ class DiLoCo(OuterOptimizer):
         if not 0.0 <= outer_momentum < 1.0:
             raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum}")
         check_group_size(group_size)
+        if error_feedback and isinstance(compressor, ErrorFeedback):
+            raise ValueError("compressor is already an ErrorFeedback; pass error_feedback=False, "
+                             "or pass its codec with error_feedback=True")
         self.sync_every, self.fragments, self.delay, self.alpha = sync_every, fragments, delay, alpha
         self.group_size, self.weight, self.timeout = group_size, weight, timeout
         self.compression = make_compression(compressor, error_feedback)
@@ -203,10 +208,16 @@ class StreamingDiLoCo(DiLoCo):
                  compressor: str | Compressor | None = "fp4", **kwargs):
         params = list(params)
         if fragments is None:
-            n_units = len(units(named_params(params)))
-            fragments = max(p for p in range(1, 5) if sync_every % p == 0 and p <= max(1, n_units))
+            fragments = auto_fragments(sync_every, len(units(named_params(params))))
         super().__init__(params, inner, averager, sync_every=sync_every, fragments=fragments, delay=delay,
                          alpha=alpha, compressor=compressor, **kwargs)
+
+
+def auto_fragments(sync_every: int, n_units: int | None = None) -> int:
+    """StreamingDiLoCo's P when none is given: the largest P <= 4 that divides
+    H and does not exceed the model's parameter units (when known)."""
+    cap = 4 if n_units is None else max(1, min(4, n_units))
+    return max(p for p in range(1, cap + 1) if sync_every % p == 0)
 
 
 def _check_positive_int(name: str, value) -> None:

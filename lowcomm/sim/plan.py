@@ -3,15 +3,15 @@
 The same network model and the same schedules as the simulator (see
 `lowcomm.sim.network`), run for one worker whose group peers are identical to
 it: byte counts come from the codecs' exact wire sizes (`wire_size`), the
-exchange patterns from `lowcomm.sim.exchange`.
+exchange patterns from `lowcomm.sim.exchange`, the schedules from each
+algorithm's spec (`lowcomm.optimizers.registry`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from lowcomm.averaging import shard_bounds
-from lowcomm.compressors import Compressor, get_compressor, wire_size
+from lowcomm.compressors import Compressor, wire_size
+from lowcomm.optimizers.registry import SyncSchedule
 from lowcomm.sim.network import Network, WorkerClock, settle
 
 
@@ -28,43 +28,9 @@ def exchange_phases(codec: Compressor, numel: int, n: int, member: int = 0) -> l
     return [(others, (n - 1) * sizes[member]), ((n - 1) * sizes[member], others)]
 
 
-@dataclass
-class Schedule:
-    """When an algorithm exchanges what.
-
-    ``every``: inner steps between exchanges of one fragment; ``numels``: values
-    per fragment; ``offsets``: first step of each fragment; ``delay``: steps
-    between sending and needing the result; ``group``: members per group;
-    ``codec``: the compressor on the wire.
-    """
-
-    every: int
-    numels: list[int]
-    offsets: list[int]
-    delay: int
-    group: int
-    codec: Compressor
-
-
-def schedule_for(algorithm: str, params: int, workers: int, *, sync_every: int = 100, fragments: int = 1,
-                 delay: int = 0, compressor: str | None = None, group_size: int | None = None,
-                 fragment_numels: list[int] | None = None) -> Schedule:
-    """The exchange schedule of ``algorithm`` ("ddp", "diloco", "streaming", "noloco")."""
-    codec = get_compressor(compressor or "none")
-    group = min(workers, group_size or workers)
-    if algorithm == "ddp":
-        return Schedule(1, [params], [0], 0, workers, codec)
-    if algorithm == "noloco":
-        return Schedule(sync_every, [2 * params], [0], 0, min(workers, group_size or 2), codec)
-    if algorithm in ("diloco", "streaming"):
-        numels = fragment_numels or [hi - lo for lo, hi in shard_bounds(params, fragments)]
-        offsets = [p * sync_every // len(numels) for p in range(len(numels))]
-        return Schedule(sync_every, numels, offsets, delay, group, codec)
-    raise ValueError(f"unknown algorithm {algorithm!r}; choose ddp, diloco, streaming or noloco")
-
-
-def predict(schedule: Schedule, step_time: float, network: Network, steps: int) -> WorkerClock:
+def predict(schedule: SyncSchedule, step_time: float, network: Network, steps: int) -> WorkerClock:
     """Run ``steps`` inner steps of ``schedule`` on one worker's virtual clock."""
+    codec = schedule.compressor
     clock = WorkerClock()
     pending: list[tuple[int, float, list[tuple[int, int]]]] = []  # (needed at step, sent at, phases)
     for t in range(1, steps + 1):
@@ -72,7 +38,7 @@ def predict(schedule: Schedule, step_time: float, network: Network, steps: int) 
         clock.compute += step_time
         for numel, offset in zip(schedule.numels, schedule.offsets):
             if t % schedule.every == offset:
-                pending.append((t + schedule.delay, clock.now, exchange_phases(schedule.codec, numel, schedule.group)))
+                pending.append((t + schedule.delay, clock.now, exchange_phases(codec, numel, schedule.group)))
         while pending and pending[0][0] <= t:
             _, sent_at, phases = pending.pop(0)
             if phases:
@@ -80,7 +46,7 @@ def predict(schedule: Schedule, step_time: float, network: Network, steps: int) 
     return clock
 
 
-def bandwidth_for(schedule: Schedule, step_time: float, latency: float, steps: int, target: float = 0.95) -> float | None:
+def bandwidth_for(schedule: SyncSchedule, step_time: float, latency: float, steps: int, target: float = 0.95) -> float | None:
     """The least bandwidth (bits/s) at which utilisation reaches ``target``, or
     None if latency alone keeps it below (bisection on a log scale)."""
     def util(bw: float) -> float:

@@ -5,22 +5,22 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from lowcomm.config import ConfigError, PlanConfig, SimulateConfig, parse_count
+from dataclasses import fields
+
+from lowcomm.config import ConfigError, OuterConfig, PlanConfig, SimulateConfig, parse_count
 from lowcomm.sim import plan
-from lowcomm.sim.network import format_bandwidth
-from lowcomm.optimizers.factory import settings_for
+from lowcomm.sim.network import NetworkSpecError, format_bandwidth, parse_duration
+from lowcomm.optimizers.registry import get_algorithm
 from lowcomm.sim.simulate import network_of, validate
 
 
 def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
     params = parse_count("--params", cfg.params)
-    shared = SimulateConfig(workers=cfg.workers, algorithms=cfg.algorithms, sync_every=cfg.sync_every,
-                            fragments=cfg.fragments, delay=cfg.delay, compressor=cfg.compressor,
-                            group_size=cfg.group_size, bandwidth=cfg.bandwidth, latency=cfg.latency,
+    shared = SimulateConfig(**{f.name: getattr(cfg, f.name) for f in fields(OuterConfig)}, workers=cfg.workers,
+                            algorithms=cfg.algorithms, bandwidth=cfg.bandwidth, latency=cfg.latency,
                             step_time=cfg.step_time)
     validate(shared)
     network = network_of(shared)
-    from lowcomm.sim.network import NetworkSpecError, parse_duration
     try:
         step_time = parse_duration(cfg.step_time)
     except NetworkSpecError as e:
@@ -32,23 +32,21 @@ def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
                   "bandwidth for 95%", title=f"{params:,} parameters, {cfg.workers} workers, step {cfg.step_time}, "
                                                f"{cfg.bandwidth} / {cfg.latency}")
     for alg in cfg.algorithm_list():
-        s = settings_for(alg, shared)
-        try:
-            sched = plan.schedule_for(alg, params, cfg.workers, sync_every=s.sync_every, fragments=s.fragments,
-                                      delay=s.delay, compressor=s.compressor, group_size=s.group_size)
-        except ValueError as e:
-            raise ConfigError(f"--{alg}", str(e)) from None
-        if alg == "streaming" and (s.sync_every % s.fragments or s.delay >= s.sync_every // s.fragments):
-            raise ConfigError("--delay", f"streaming needs H divisible by fragments and delay < H/P; got H={s.sync_every}, "
-                                         f"P={s.fragments}, delay={s.delay}")
+        spec = get_algorithm(alg)
+        s = spec.settings(cfg.outer_options())
+        if s.sync_every % s.fragments or s.delay >= s.sync_every // s.fragments:
+            raise ConfigError("--delay", f"{alg} needs H divisible by fragments and delay < H/P; got "
+                                         f"H={s.sync_every}, P={s.fragments}, delay={s.delay}")
+        sched = spec.schedule(s, params, cfg.workers)
         steps = cfg.steps or 20 * sched.every
         clock = plan.predict(sched, step_time, network, steps)
         need = plan.bandwidth_for(sched, step_time, network.latency, steps)
-        phases = plan.exchange_phases(sched.codec, sched.numels[0], sched.group)
+        codec = sched.compressor
+        phases = plan.exchange_phases(codec, sched.numels[0], sched.group)
         one = sum(sent for sent, _ in phases)
         rows.append({"algorithm": alg, "utilization": clock.utilization, "bandwidth_for_95pct_bps": need,
                      "bytes_per_exchange": one})
-        table.add_row(alg, str(sched.every), sched.codec.name, f"{one / 1e6:,.2f} MB",
+        table.add_row(alg, str(sched.every), codec.name, f"{one / 1e6:,.2f} MB",
                       f"{network.transfer_time(phases):.3f} s", f"{clock.utilization:.3f}",
                       format_bandwidth(need) if need else "unreachable (latency)")
     console.print(table)

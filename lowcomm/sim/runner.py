@@ -19,7 +19,7 @@ import torch
 
 from lowcomm.config import ConfigError, SimulateConfig
 from lowcomm.optimizers import DiLoCo
-from lowcomm.optimizers.factory import Settings, build_optimizer
+from lowcomm.optimizers.registry import Settings, build_optimizer
 from lowcomm.sim.network import Network, NetworkModel
 from lowcomm.sim.swarm import LocalSwarm
 from lowcomm.tasks import Task

@@ -24,35 +24,24 @@ from rich.table import Table
 from lowcomm.config import ConfigError, SimulateConfig
 from lowcomm.sim import plan, report
 from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
-from lowcomm.optimizers.factory import settings_for
+from lowcomm.optimizers.registry import get_algorithm, settings_for
 from lowcomm.sim.runner import measure_step_time, run_algorithm
-from lowcomm.tasks import TaskError, load_task
+from lowcomm.tasks.base import SHARDS, TaskError, load_task
 
 
 def validate(cfg: SimulateConfig) -> None:
     for flag, value, lo in (("--workers", cfg.workers, 1), ("--steps", cfg.steps, 1), ("--eval-every", cfg.eval_every, 1),
-                            ("--fragments", cfg.fragments, 1), ("--delay", cfg.delay, 0), ("--tokens", cfg.tokens, 0),
-                            ("--sync-every", cfg.sync_every, 0), ("--group-size", cfg.group_size, 0),
-                            ("--batch-size", cfg.batch_size, 0)):
+                            ("--tokens", cfg.tokens, 0), ("--batch-size", cfg.batch_size, 0)):
         if value < lo:
             raise ConfigError(flag, f"must be >= {lo}, got {value}")
-    if cfg.group_size == 1:
-        raise ConfigError("--group-size", "must be 0 (everyone) or >= 2")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError("--alpha", f"must be in [0, 1], got {cfg.alpha}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ConfigError("--schedule", f"must be cosine or constant, got {cfg.schedule!r}")
-    if cfg.outer_lr < 0:
-        raise ConfigError("--outer-lr", f"must be positive (or 0 for the default), got {cfg.outer_lr}")
-    if cfg.outer_momentum >= 1:
-        raise ConfigError("--outer-momentum", f"must be below 1, got {cfg.outer_momentum}")
+    if cfg.shards not in SHARDS:
+        raise ConfigError("--shards", f"must be one of {', '.join(SHARDS)}, got {cfg.shards!r}")
     if cfg.lr < 0:
         raise ConfigError("--lr", f"must be positive (or 0 for the task default), got {cfg.lr}")
+    cfg.check_outer()
     cfg.algorithm_list()
-    if cfg.compressor:
-        from lowcomm.compressors import codec_names
-        if cfg.compressor not in codec_names():
-            raise ConfigError("--compressor", f"unknown codec {cfg.compressor!r}; choose from {', '.join(codec_names())}")
 
 
 def network_of(cfg: SimulateConfig) -> Network:
@@ -87,6 +76,8 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     network = network_of(cfg)
     try:
         options = {"data": cfg.data} if cfg.data else {}
+        if cfg.shards != "iid":
+            options["shards"] = cfg.shards
         if cfg.batch_size:
             options["batch_size"] = cfg.batch_size
         task = load_task(cfg.task, **options)
@@ -97,7 +88,7 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     if cfg.tokens:
         steps = max(1, cfg.tokens // (cfg.workers * task.tokens_per_batch))
     algorithms = cfg.algorithm_list()
-    settings = [settings_for(a, cfg) for a in algorithms]
+    settings = [settings_for(a, cfg.outer_options()) for a in algorithms]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -122,9 +113,7 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     bandwidth_95 = {}
     for run in runs:
         s = run.settings
-        sched = plan.schedule_for(s.algorithm, run.params, cfg.workers, sync_every=s.sync_every,
-                                  fragments=s.fragments, delay=s.delay, compressor=s.compressor,
-                                  group_size=s.group_size, fragment_numels=run.fragment_numels or None)
+        sched = get_algorithm(s.algorithm).schedule(s, run.params, cfg.workers, run.fragment_numels or None)
         bandwidth_95[s.algorithm] = plan.bandwidth_for(sched, step_time, network.latency, steps)
     summary = report.summarize(runs, bandwidth_95)
     config = {"simulate": asdict(cfg), "steps": steps, "step_time_s": step_time, "step_time_measured": measured,

@@ -2,10 +2,14 @@
 
 The corpus is one every machine with Python has: the standard library's own
 ``.py`` files (found through ``sysconfig``, site-packages excluded, in sorted
-path order). Every tenth file is held out for validation; the rest is split
-into one contiguous shard per worker. ``data=PATH`` uses every file under a
-folder instead. The model is nanoGPT-shaped (pre-norm blocks, causal
-attention, GELU MLP) and small enough to train on two CPU cores.
+path order). Every tenth file is held out for validation. ``data=PATH`` uses
+every file under a folder instead. The model is nanoGPT-shaped (pre-norm
+blocks, causal attention, GELU MLP) and small enough to train on two CPU cores.
+
+Shards (``shards=``): ``iid`` (the default): every worker draws windows from
+anywhere in the training text. ``noniid``: the training files, sorted by path
+and concatenated, are cut into one contiguous slice per worker, and worker r
+draws only from the r-th slice, so workers see different modules.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lowcomm.tasks.base import Batch, Task, TaskError
+from lowcomm.tasks.base import Batch, Task, TaskError, check_shards, worker_generator
 
 VOCAB = 256  # bytes
 
@@ -84,8 +88,14 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+def stdlib_root() -> Path:
+    """The folder of the running Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """Every ``.py`` file of the standard library (site-packages excluded), sorted by path."""
+    root = stdlib_root()
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
 
 
@@ -122,8 +132,10 @@ def _windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> Batch:
 
 
 def tinylm(data: str | None = None, seq_len: int = 64, batch_size: int = 16, d_model: int = 64,
-           n_layers: int = 2, n_heads: int = 4) -> Task:
-    """The built-in task; ``data`` is a folder of text files (default: the stdlib)."""
+           n_layers: int = 2, n_heads: int = 4, shards: str = "iid") -> Task:
+    """The built-in task; ``data`` is a folder of text files (default: the stdlib);
+    ``shards`` is ``"iid"`` or ``"noniid"`` (see the module docstring)."""
+    check_shards(shards)
     cfg = TinyLMConfig(seq_len=seq_len, batch_size=batch_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
     train, val = corpus(data)
     g = torch.Generator().manual_seed(1234)
@@ -136,9 +148,9 @@ def tinylm(data: str | None = None, seq_len: int = 64, batch_size: int = 16, d_m
         return model
 
     def batches(rank: int, workers: int, seed: int) -> Iterator[Batch]:
-        shard = len(train) // workers
-        lo = rank * shard
-        gen = torch.Generator().manual_seed(seed * 7919 + rank)
+        shard = len(train) // workers if shards == "noniid" else len(train)
+        lo = rank * shard if shards == "noniid" else 0
+        gen = worker_generator(seed, rank)
         while True:
             starts = lo + torch.randint(0, shard - seq_len - 1, (batch_size,), generator=gen)
             yield _windows(train, starts, seq_len)

@@ -28,9 +28,10 @@ def blob_for(name, numel=300, seed=0):
     return encode(make(name).compress(x))
 
 
-def envelope(name="int8"):
-    """A blob's header with each buffer's bytes in place of its length (easy to mutate)."""
-    header, body = unframe(blob_for(name), "blob")
+def envelope(name="int8", blob=None):
+    """A blob's header (``blob``, or one of codec ``name``) with each buffer's
+    bytes in place of its length (easy to mutate)."""
+    header, body = unframe(blob_for(name) if blob is None else blob, "blob")
     offset = 0
     for entry in header["bufs"]:
         size = entry[2]

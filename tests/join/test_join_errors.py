@@ -13,7 +13,7 @@ from lowcomm.checkpoint import CheckpointError, load_state, save_state
 from lowcomm.config import JoinConfig
 from lowcomm.join.node import Node
 from lowcomm.sim import LocalSwarm
-from lowcomm.optimizers.factory import build_optimizer
+from lowcomm.optimizers.registry import build_optimizer
 from tests.join.test_join import TASK, NodeProc, p2pd_pids, pasted, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

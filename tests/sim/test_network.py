@@ -10,7 +10,8 @@ from lowcomm.sim import LocalSwarm
 from lowcomm.sim.network import (
     Network, NetworkModel, NetworkSpecError, parse_bandwidth, parse_duration,
 )
-from lowcomm.sim.plan import Schedule, exchange_phases, predict
+from lowcomm.optimizers.registry import SyncSchedule
+from lowcomm.sim.plan import exchange_phases, predict
 
 
 def test_parse_units():
@@ -97,7 +98,7 @@ def test_streaming_schedule_stalls_exactly():
     assert 4 < transfer < 5
     # tau steps of 1 s each hide a transfer of `transfer` seconds iff tau >= transfer
     for tau in (1, 3, 5):
-        sched = Schedule(every=10, numels=[1000], offsets=[0], delay=tau, group=2, codec=codec)
+        sched = SyncSchedule(every=10, numels=[1000], offsets=[0], delay=tau, group=2, compressor=codec)
         clock = predict(sched, 1.0, net, 100)
         stall_each = max(0.0, transfer - tau)
         assert clock.stall == pytest.approx(stall_each * 9)  # sends at 10..90 are applied within 100 steps

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lowcomm.config import SimulateConfig
+from lowcomm.optimizers.registry import get_algorithm, settings_for
 from lowcomm.sim import plan
 from lowcomm.sim.network import Network
 from lowcomm.sim.report import MEASURED_FIELDS
@@ -43,11 +44,11 @@ def test_simulate_writes_every_file_and_repeats_exactly(tmp_path):
 
     metrics = [[strip(json.loads(line)) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                for r in "ab"]
-    assert metrics[0] == metrics[1] and len(metrics[0]) == 4 * 5
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 5 * 5
     summaries = [strip(json.loads((tmp_path / r / "summary.json").read_text())) for r in "ab"]
     assert summaries[0] == summaries[1]
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(s) == {"ddp", "diloco", "streaming", "noloco"}
+    assert set(s) == {"ddp", "diloco", "streaming", "noloco", "sparseloco"}
     for entry in s.values():
         assert {"final_eval_loss", "bytes_sent_per_worker", "bytes_ratio_vs_ddp", "predicted_wall_clock_s",
                 "compute_utilization"} <= set(entry)
@@ -62,17 +63,18 @@ def test_plan_agrees_with_simulate(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     params = summary["ddp"]["params"]
     for alg, entry in summary.items():
-        s = entry["settings"]
+        s = settings_for(alg, cfg.outer_options())
+        assert entry["settings"] == {"algorithm": alg, "sync_every": s.sync_every, **s.options}
         numels = None
-        if alg in ("diloco", "streaming"):
+        if s.sync_every > 1:
             from lowcomm.optimizers.base import fragment_indices
             from tests.sim.tinytask import task
             named = list(task().make_model(0).named_parameters())
             numels = [sum(named[i][1].numel() for i in idx) for idx in
-                      fragment_indices(named, s["fragments"], "strided")]
-        sched = plan.schedule_for(alg, params, 4, sync_every=s["sync_every"], fragments=s["fragments"],
-                                  delay=s["delay"], compressor=s["compressor"], group_size=s["group_size"],
-                                  fragment_numels=numels)
+                      fragment_indices(named, s.fragments, "strided")]
+            if alg == "noloco":
+                numels = [2 * params]
+        sched = get_algorithm(alg).schedule(s, params, 4, numels)
         predicted = plan.predict(sched, 0.02, Network(2e6, 0.03), 60).utilization
         assert entry["compute_utilization"] < 1.0 or alg == "streaming"
         assert predicted == pytest.approx(entry["compute_utilization"], rel=2e-3), alg
