@@ -63,8 +63,9 @@ class DiLoCo(OuterOptimizer):
     key_prefix = "diloco"
 
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager, *,
-                 sync_every: int = 500, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 nesterov: bool = True, fragments: int = 1, fragment_strategy: str = "strided",
+                 sync_every: int = 500, outer_lr: float = 0.7, outer_momentum: float = 0.5,
+                 nesterov: bool = True, momentum_restart: bool = True, fragments: int = 1,
+                 fragment_strategy: str = "strided",
                  delay: int = 0, alpha: float = 0.0, compressor: str | Compressor | ErrorFeedback | None = "none",
                  error_feedback: bool = False, group_size: int | None = None, weight: float = 1.0,
                  timeout: float | None = None):
@@ -88,6 +89,7 @@ class DiLoCo(OuterOptimizer):
             raise ValueError("compressor is already an ErrorFeedback; pass error_feedback=False, "
                              "or pass its codec with error_feedback=True")
         self.sync_every, self.fragments, self.delay, self.alpha = sync_every, fragments, delay, alpha
+        self.momentum_restart, self.momentum_restarts = momentum_restart, 0
         self.group_size, self.weight, self.timeout = group_size, weight, timeout
         self.compression = make_compression(compressor, error_feedback)
         self.fragment_params = fragment_indices(self.named, fragments, fragment_strategy)
@@ -128,6 +130,8 @@ class DiLoCo(OuterOptimizer):
         p = entry.fragment
         for ph, mean in zip(self.phi[p], result.tensors):
             ph.grad = mean.to(torch.float32)
+        if self.momentum_restart:
+            self._restart_if_reversed(p)
         self.outer[p].step()
         self.outer[p].zero_grad(set_to_none=True)
         for th, ph in zip(self._theta(p), self.phi[p]):
@@ -135,6 +139,21 @@ class DiLoCo(OuterOptimizer):
                 th.copy_(ph)
             else:
                 th.copy_(th.to(torch.float32).mul_(self.alpha).add_(ph, alpha=1.0 - self.alpha))
+
+    def _restart_if_reversed(self, p: int) -> None:
+        """Adaptive restart (O'Donoghue and Candes 2015): when the new outer
+        gradient points against fragment ``p``'s momentum (negative inner
+        product over the fragment), the momentum overshot; clear it, so this
+        step is plain SGD on the new mean."""
+        state = self.outer[p].state
+        bufs = [state[ph].get("momentum_buffer") for ph in self.phi[p]]
+        if any(b is None for b in bufs):
+            return
+        dot = sum(torch.dot(b.reshape(-1), ph.grad.reshape(-1)) for b, ph in zip(bufs, self.phi[p]))
+        if dot < 0:
+            for b in bufs:
+                b.zero_()
+            self.momentum_restarts += 1
 
     # --- state ---
     def state_dict(self) -> dict:

@@ -110,7 +110,7 @@ class AlgorithmSpec:
         given = {k: v for k, v in (given or {}).items() if v is not None}
         options = self.defaults()
         options.update({k: v for k, v in given.items() if k in self.options})
-        sync = given.get("sync_every") or self.sync_every or 1
+        sync = 1 if self.sync_every is None else given.get("sync_every") or self.sync_every
         if "sync_every" in _constructor_defaults(self.cls):
             options["sync_every"] = sync
         return Settings(self.name, sync, options)

@@ -10,7 +10,8 @@ from pathlib import Path
 #: Fields that depend on the measured step time (differ between runs when
 #: ``--step-time auto``); everything else is identical for the same command.
 MEASURED_FIELDS = ("virtual_time_s", "compute_utilization", "predicted_wall_clock_s", "stall_s",
-                   "bandwidth_for_95pct_bps", "step_time_s", "eval_loss_at_ddp_wall_clock")
+                   "bandwidth_for_95pct_bps", "step_time_s", "eval_loss_at_ddp_wall_clock",
+                   "ddp_eval_loss_at_this_wall_clock")
 
 
 def _clean(v):
@@ -39,6 +40,7 @@ def summarize(runs: list, plan_bandwidth: dict) -> dict:
             "eval_loss_ratio_vs_ddp": last.eval_loss / ddp_loss if ddp_loss else None,
             "eval_loss_rise_last_half": rise_last_half(run.records),
             "eval_loss_at_ddp_wall_clock": loss_at_time(run.records, ddp_time) if ddp_time else None,
+            "ddp_eval_loss_at_this_wall_clock": loss_at_time(ddp.records, last.virtual_time_s) if ddp else None,
             "bytes_sent_per_worker": last.bytes_sent_per_worker,
             "bytes_ratio_vs_ddp": (ddp_bytes / last.bytes_sent_per_worker
                                    if ddp_bytes and last.bytes_sent_per_worker else None),
@@ -65,7 +67,8 @@ def rise_last_half(records: list) -> float:
 
 
 def loss_at_time(records: list, seconds: float) -> float:
-    """Eval loss of the last evaluation reached within ``seconds`` of predicted wall clock."""
+    """Eval loss of the last evaluation reached within ``seconds`` of predicted
+    wall clock (a run that ends sooner: its final loss; it trains no further)."""
     reached = [r for r in records if r.virtual_time_s <= seconds * (1 + 1e-9)]
     return reached[-1].eval_loss if reached else records[0].eval_loss
 

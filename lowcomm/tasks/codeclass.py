@@ -122,7 +122,7 @@ def codeclass(batch_size: int = 32, shards: str = "iid") -> Task:
         return F.cross_entropy(model(x), y)
 
     return example_task("codeclass", data.features, data.labels, pool, torch.nonzero(data.held_out).squeeze(1),
-                        make_model, loss, batch_size, default_lr=1e-4)
+                        make_model, loss, batch_size, default_lr=3e-4)
 
 
 __all__ = ["CHUNK", "FEATURES", "PACKAGES", "CodeSet", "codeclass", "dataset"]

@@ -114,7 +114,7 @@ def terrain(batch_size: int = 64, shards: str = "iid") -> Task:
         return F.mse_loss(model(xy), z)
 
     return example_task("terrain", data.xy, data.elevation, pool, data.held_out[:EVAL_PIXELS], TerrainNet, loss,
-                        batch_size, default_lr=1e-3)
+                        batch_size, default_lr=1e-2)
 
 
 __all__ = ["FREQUENCIES", "SCALE", "Terrain", "TerrainNet", "terrain", "terrain_data"]

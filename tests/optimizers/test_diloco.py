@@ -60,7 +60,7 @@ def test_two_worker_round_with_nesterov_hand_computed():
     #   grad = -0.05 + 0.9 * -0.095 = -0.1355; phi = 1.0665 + 0.7 * 0.1355 = 1.16135
     def fn(rank, av):
         p, sgd, set_grad = _scalar_worker(1.0, [0.5, -1.0][rank])
-        opt = DiLoCo([p], sgd, av, sync_every=2)
+        opt = DiLoCo([p], sgd, av, sync_every=2, outer_lr=0.7, outer_momentum=0.9)
         phis = []
         for _ in range(4):
             set_grad()
@@ -73,9 +73,10 @@ def test_two_worker_round_with_nesterov_hand_computed():
         assert phis[3] == pytest.approx(1.16135, abs=1e-6)
 
 
-def reference_streaming(theta0, grads, lr, steps, H, P, tau, alpha, outer_lr=0.7, mu=0.9):
+def reference_streaming(theta0, grads, lr, steps, H, P, tau, alpha, outer_lr=0.7, mu=0.9, restart=False):
     """A spec-level loop: scalar parameters, one per fragment, SGD inner,
-    Nesterov outer, two workers with fixed gradients (worker w, param p)."""
+    Nesterov outer (with adaptive restart: momentum cleared when the new mean
+    points against it), two workers with fixed gradients (worker w, param p)."""
     n_workers = len(grads)
     theta = [[theta0[p] for p in range(P)] for _ in range(n_workers)]
     phi, buf = list(theta0), [None] * P
@@ -91,6 +92,8 @@ def reference_streaming(theta0, grads, lr, steps, H, P, tau, alpha, outer_lr=0.7
         for item in [x for x in pending if x[0] == t]:
             pending.remove(item)
             _, p, g = item
+            if restart and buf[p] is not None and buf[p] * g < 0:
+                buf[p] = 0.0
             buf[p] = g if buf[p] is None else mu * buf[p] + g
             phi[p] -= outer_lr * (g + mu * buf[p])
             for w in range(n_workers):
@@ -98,8 +101,9 @@ def reference_streaming(theta0, grads, lr, steps, H, P, tau, alpha, outer_lr=0.7
     return theta, phi
 
 
+@pytest.mark.parametrize("restart", [False, True])
 @pytest.mark.parametrize("tau,alpha", [(0, 0.0), (2, 0.0), (1, 0.5), (3, 1.0)])
-def test_streaming_matches_the_per_fragment_rule(tau, alpha):
+def test_streaming_matches_the_per_fragment_rule(tau, alpha, restart):
     H, P, steps = 12, 3, 40
     theta0 = [1.0, -0.5, 2.0]
     grads = [[0.5, -1.0, 0.25], [-0.3, 0.7, 1.5]]
@@ -108,7 +112,7 @@ def test_streaming_matches_the_per_fragment_rule(tau, alpha):
         ps = [torch.nn.Parameter(torch.tensor([v], dtype=torch.float64)) for v in theta0]
         sgd = torch.optim.SGD(ps, lr=0.1)
         opt = DiLoCo(ps, sgd, av, sync_every=H, fragments=P, fragment_strategy="sequential",
-                     delay=tau, alpha=alpha)
+                     delay=tau, alpha=alpha, outer_lr=0.7, outer_momentum=0.9, momentum_restart=restart)
         for _ in range(steps):
             for p, g in zip(ps, grads[rank]):
                 p.grad = torch.tensor([g], dtype=torch.float64)
@@ -259,3 +263,20 @@ def test_streaming_defaults_and_named_fragments():
     frag_names = [[names[i] for i in idx] for idx in opt.fragment_params]
     assert any({"blocks.0.weight", "blocks.0.bias"} <= set(f) for f in frag_names)
     assert all(sum(n.startswith(f"blocks.{b}.") for n in f) in (0, 2) for f in frag_names for b in range(4))
+
+
+@pytest.mark.parametrize("restart,phi2", [(True, 1.33), (False, 0.763)])
+def test_momentum_restart_when_the_mean_reverses_hand_computed(restart, phi2):
+    # one worker, H = 1, inner SGD lr 1, outer lr 0.7, Nesterov 0.9, phi0 = 0
+    # step 1: grad 1 -> delta 1, buf 1, phi = -0.7 * (1 + 0.9) = -1.33
+    # step 2: grad -2 -> delta -2 points against buf:
+    #   restart: buf = -2, phi = -1.33 + 0.7 * (2 + 1.8) = 1.33
+    #   no restart: buf = 0.9 - 2 = -1.1, phi = -1.33 + 0.7 * (2 + 0.99) = 0.763
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = DiLoCo([p], torch.optim.SGD([p], lr=1.0), LocalSwarm(1).averager(0), sync_every=1, outer_lr=0.7,
+                 outer_momentum=0.9, momentum_restart=restart)
+    for g in (1.0, -2.0):
+        p.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+    assert p.item() == pytest.approx(phi2, abs=1e-6)  # phi is kept in fp32
+    assert opt.momentum_restarts == int(restart)

@@ -66,7 +66,7 @@ def test_is_diloco_with_no_momentum_topk_int2_and_decayed_error_feedback():
     assert (codec.name, codec.values, codec.chunk_size, codec.k, opt.compression.beta) == ("topk", "int2", 4096, 64,
                                                                                             0.95)
     group = opt.outer[0].param_groups[0]
-    assert (group["lr"], group["momentum"], group["nesterov"]) == (1.0, 0.0, False)
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (2.0, 0.0, False)
     assert (opt.sync_every, opt.fragments, opt.delay, opt.alpha) == (30, 1, 0, 0.0)
 
 
