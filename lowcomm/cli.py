@@ -27,7 +27,8 @@ import lowcomm
 from lowcomm.config import ConfigError, JoinConfig, PlanConfig, SimulateConfig, load_toml, merge
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train one model across many machines over slow links (DiLoCo, Streaming DiLoCo, NoLoCo).")
+                  help="Train one model across many machines over slow links (DiLoCo, Streaming DiLoCo, NoLoCo, "
+                       "SparseLoCo).")
 console = Console()
 err = Console(stderr=True)
 
@@ -107,7 +108,8 @@ command_from(JoinConfig, "join", _join,
 command_from(SimulateConfig, "simulate", _simulate,
              "Train the built-in task (or yours) with N simulated workers and compare algorithms: loss, bytes on "
              "the wire, and the wall clock and compute utilisation a network model predicts. With no options: "
-             "tinylm, 4 workers, ddp vs diloco vs streaming (fp4) vs noloco. Writes runs/<name>/.")
+             "tinylm, 4 workers, IID shards, ddp vs diloco vs streaming (fp4) vs noloco vs sparseloco. "
+             "Writes runs/<name>/.")
 command_from(PlanConfig, "plan", _plan,
              "Predict each algorithm's compute utilisation for a model size, step time and network, and the "
              "least bandwidth at which it reaches 95%. No training; the same network model as simulate.")

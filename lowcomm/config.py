@@ -39,11 +39,13 @@ class OuterConfig:
     `lowcomm.optimizers.registry` (the optimizer classes' constructors)."""
 
     sync_every: int = opt(0, "H, inner steps between outer syncs of a fragment (0: the algorithm's default, 20).")
-    outer_lr: float = opt(0.0, "Outer learning rate (0: the algorithm's default; see `lowcomm.optimizers`).")
-    outer_momentum: float = opt(-1.0, "Outer momentum (-1: the algorithm's default).")
-    compressor: str = opt("", "Codec for the outer algorithms' traffic (empty: the algorithm's default: none for "
-                          "diloco/noloco, fp4 for streaming, topk with 2-bit values for sparseloco, topk for dgc; "
-                          "ddp always sends fp32).")
+    outer_lr: float = opt(0.0, "Outer learning rate of diloco, streaming, noloco and sparseloco (0: the "
+                          "algorithm's default: 0.7; sparseloco 2.0).")
+    outer_momentum: float = opt(-1.0, "Outer (Nesterov) momentum of diloco, streaming and noloco (-1: the default, "
+                                "0.5; sparseloco has none).")
+    compressor: str = opt("", "Codec on the wire for diloco, streaming, noloco and dgc (empty: the algorithm's "
+                          "default: none for diloco/noloco, fp4 for streaming, topk for dgc). ddp always sends "
+                          "fp32, sparseloco always top-k with 2-bit values.")
     error_feedback: bool = opt(False, "Keep compression residuals (error feedback) in diloco, streaming and noloco "
                                "(sparseloco and dgc always do).")
     group_size: int = opt(0, "Group size for partial averaging (0: the algorithm's default: everyone; noloco 2).")
@@ -51,7 +53,7 @@ class OuterConfig:
     delay: int = opt(-1, "Streaming DiLoCo: tau, steps of compute that overlap a fragment's exchange, < H/P "
                      "(-1: the default, 1).")
     alpha: float = opt(-1.0, "Streaming DiLoCo: weight of the local weights when a fragment's mean arrives "
-                       "(-1: the default, 0.5).")
+                       "(-1: the default, 0).")
 
     def outer_options(self) -> dict[str, Any]:
         """The outer settings given, as constructor arguments (None: the algorithm's default)."""
@@ -61,6 +63,17 @@ class OuterConfig:
                  "group_size": self.group_size or None, "fragments": self.fragments or None,
                  "delay": None if self.delay < 0 else self.delay, "alpha": None if self.alpha < 0 else self.alpha}
         return given
+
+    def check_taken(self, algorithm: str) -> None:
+        """A `ConfigError` for a flag set here that ``algorithm`` does not take
+        (for commands that run one algorithm: a flag must not be silently ignored)."""
+        from lowcomm.optimizers.registry import get_algorithm
+
+        ignored = get_algorithm(algorithm).ignored(self.outer_options())
+        if ignored:
+            flag = "--" + ignored[0].replace("_", "-")
+            raise ConfigError(flag, f"{algorithm} does not take it; leave it unset (see `{algorithm}` in "
+                                    "lowcomm.optimizers.registry for what it takes)")
 
     def check_outer(self) -> None:
         """Range checks of the outer settings (each algorithm's constructor checks the rest)."""
@@ -74,8 +87,8 @@ class OuterConfig:
             raise ConfigError("--alpha", f"must be in [0, 1] (or -1 for the default), got {self.alpha}")
         if self.outer_lr < 0:
             raise ConfigError("--outer-lr", f"must be positive (or 0 for the default), got {self.outer_lr}")
-        if self.outer_momentum >= 1:
-            raise ConfigError("--outer-momentum", f"must be below 1 (or -1 for the default), got {self.outer_momentum}")
+        if self.outer_momentum >= 1 or (self.outer_momentum < 0 and self.outer_momentum != -1.0):
+            raise ConfigError("--outer-momentum", f"must be in [0, 1) (or -1 for the default), got {self.outer_momentum}")
         if self.compressor:
             from lowcomm.compressors import codec_names
             if self.compressor not in codec_names():
@@ -106,7 +119,8 @@ class SimulateConfig(OuterConfig):
     steps: int = opt(400, "Inner steps per worker (every algorithm sees the same tokens).")
     tokens: int = opt(0, "Total training tokens over all workers; if set, overrides --steps.")
     lr: float = opt(0.0, "Inner AdamW learning rate (0: the task's default).")
-    batch_size: int = opt(0, "Sequences per worker per step (0: the task's default; tinylm 16).")
+    batch_size: int = opt(0, "Examples (tinylm: sequences) per worker per step (0: the task's default: tinylm 16, "
+                          "codeclass 32, terrain 64).")
     schedule: str = opt("cosine", "Inner learning-rate schedule, the same for every algorithm: cosine (5% linear "
                         "warm-up, then cosine decay to 10%), or constant.")
     shards: str = opt("iid", "How the task's data is split over workers: iid (every worker samples the whole "

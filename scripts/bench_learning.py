@@ -57,18 +57,22 @@ def run_cell(task: str, workers: int, shards: str, algorithms: str, out: str, se
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def rows_of(task: str, workers: int, shards: str, summary: dict) -> list[list[str]]:
-    ddp_rise = summary["ddp"]["eval_loss_rise_last_half"]
+    ddp_rise = summary["ddp"]["eval_loss_rise_last_half"] if "ddp" in summary else None
     rows = []
     for alg, s in summary.items():
         rise = s["eval_loss_rise_last_half"]
         rose = "yes" if rise > 0 else "no"
-        if rise > max(ddp_rise, 0.0):
+        if ddp_rise is not None and rise > max(ddp_rise, 0.0):
             rose += " (more than DDP)"
         rows.append([task, str(workers), shards, alg, f"{s['final_eval_loss']:.4f}",
-                     f"{s['eval_loss_ratio_vs_ddp']:.3f}", f"{s['bytes_ratio_vs_ddp']:.0f}x",
-                     f"{rise:+.4f} {rose}", f"{s['eval_loss_at_ddp_wall_clock']:.4f}",
-                     f"{s['ddp_eval_loss_at_this_wall_clock']:.4f}", f"{s['outer_rounds']}"])
+                     _num(s["eval_loss_ratio_vs_ddp"], ".3f"), _num(s["bytes_ratio_vs_ddp"], ".0f") + "x",
+                     f"{rise:+.4f} {rose}", _num(s["eval_loss_at_ddp_wall_clock"], ".4f"),
+                     _num(s["ddp_eval_loss_at_this_wall_clock"], ".4f"), f"{s['outer_rounds']}"])
     return rows
 
 

@@ -112,10 +112,11 @@ class Node:
         cfg = self.cfg
         if cfg.backend not in ("hivemind", "libp2p"):
             raise ConfigError("--backend", f"must be hivemind or libp2p, got {cfg.backend!r}")
-        outer = [name for name, spec in ALGORITHMS.items() if spec.sync_every is not None]
+        outer = [name for name, spec in ALGORITHMS.items() if spec.periodic]
         if cfg.algorithm not in outer:
             raise ConfigError("--algorithm", f"must be one of {', '.join(outer)}, got {cfg.algorithm!r}")
         cfg.check_outer()
+        cfg.check_taken(cfg.algorithm)
         for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size)):
             if value < 0:
                 raise ConfigError(flag, f"must be >= 0, got {value}")

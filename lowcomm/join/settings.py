@@ -7,16 +7,23 @@ import json
 
 from torch import nn
 
+from lowcomm.optimizers.base import units
+from lowcomm.optimizers.diloco import auto_fragments
 from lowcomm.optimizers.registry import Settings
 
 
 def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings) -> dict:
     """What must match between nodes: the task, the model's parameter shapes and
     the outer algorithm's settings (not learning rate or batch size, which are
-    each node's own)."""
-    shapes = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    each node's own). Streaming DiLoCo's automatic fragment count is resolved
+    for the model, so it matches a node that set the same count."""
+    named = list(model.named_parameters())
+    shapes = [[name, list(p.shape)] for name, p in named]
+    options = dict(settings.options)
+    if "fragments" in options and options["fragments"] is None:
+        options["fragments"] = auto_fragments(settings.sync_every, len(units(named)), settings.delay)
     return {"task": task_spec, "data": data, "parameters": shapes, "algorithm": settings.algorithm,
-            **settings.options, "sync_every": settings.sync_every}
+            **options, "sync_every": settings.sync_every}
 
 
 def settings_hash(settings: dict) -> str:

@@ -25,6 +25,7 @@ class Stats:
     bytes_sent: int = 0
     bytes_received: int = 0
     last_group_size: int = 0
+    momentum_restarts: int = 0
 
     def record(self, result: AverageResult) -> None:
         self.outer_rounds += 1

@@ -92,5 +92,4 @@ class SparseLoCo(DiLoCo):
     def wire_codec(options: dict) -> Compressor:
         """The codec on the wire for constructor arguments ``options``: ``topk``
         with 2-bit values at ``density`` per ``chunk_size`` values."""
-        return get_compressor("topk", density=options.get("density", 1 / 64),
-                              chunk_size=options.get("chunk_size", 4096), values="int2")
+        return get_compressor("topk", density=options["density"], chunk_size=options["chunk_size"], values="int2")

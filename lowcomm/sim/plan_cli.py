@@ -11,7 +11,7 @@ from lowcomm.config import ConfigError, OuterConfig, PlanConfig, SimulateConfig,
 from lowcomm.sim import plan
 from lowcomm.sim.network import NetworkSpecError, format_bandwidth, parse_duration
 from lowcomm.optimizers.registry import get_algorithm
-from lowcomm.sim.simulate import network_of, validate
+from lowcomm.sim.simulate import network_of, note_ignored, validate
 
 
 def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
@@ -33,6 +33,7 @@ def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
                                                f"{cfg.bandwidth} / {cfg.latency}")
     for alg in cfg.algorithm_list():
         spec = get_algorithm(alg)
+        note_ignored(spec, cfg.outer_options(), console)
         s = spec.settings(cfg.outer_options())
         if s.sync_every % s.fragments or s.delay >= s.sync_every // s.fragments:
             raise ConfigError("--delay", f"{alg} needs H divisible by fragments and delay < H/P; got "

@@ -19,7 +19,7 @@ import torch
 
 from lowcomm.config import ConfigError, SimulateConfig
 from lowcomm.optimizers import DiLoCo
-from lowcomm.optimizers.registry import Settings, build_optimizer
+from lowcomm.optimizers.registry import Settings, build_optimizer, get_algorithm
 from lowcomm.sim.network import Network, NetworkModel
 from lowcomm.sim.swarm import LocalSwarm
 from lowcomm.tasks import Task
@@ -121,7 +121,7 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
             if step in points:
                 rows.append((step, task.evaluate(model), train_loss, opt.stats.bytes_sent, opt.stats.bytes_received,
                              opt.stats.outer_rounds, clock.now, clock.utilization))
-            if rank == 0 and on_round and settings.algorithm != "ddp" and opt.stats.outer_rounds > rounds_seen:
+            if rank == 0 and on_round and get_algorithm(settings.algorithm).periodic and opt.stats.outer_rounds > rounds_seen:
                 rounds_seen = opt.stats.outer_rounds
                 on_round(f"{settings.algorithm:>9} round {rounds_seen:3d}  step {step:5d}  train loss {train_loss:.4f}  "
                          f"sent {opt.stats.bytes_sent / 1e6:8.3f} MB  group {opt.stats.last_group_size}  "

@@ -1,6 +1,6 @@
 """`lowcomm simulate`: compare algorithms on one machine with a network model.
 
-    lowcomm simulate                                   # tinylm, 4 workers, 4 algorithms
+    lowcomm simulate                                   # tinylm, 4 workers, 5 algorithms
     lowcomm simulate --workers 16 --bandwidth 100Mbit --algorithms diloco,streaming
 
 Writes ``<out>/<name>/`` with config.json, metrics.jsonl, summary.json,
@@ -26,7 +26,7 @@ from lowcomm.sim import plan, report
 from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
 from lowcomm.optimizers.registry import get_algorithm, settings_for
 from lowcomm.sim.runner import measure_step_time, run_algorithm
-from lowcomm.tasks.base import SHARDS, TaskError, load_task
+from lowcomm.tasks.base import TaskError, check_shards, load_task
 
 
 def validate(cfg: SimulateConfig) -> None:
@@ -36,12 +36,23 @@ def validate(cfg: SimulateConfig) -> None:
             raise ConfigError(flag, f"must be >= {lo}, got {value}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ConfigError("--schedule", f"must be cosine or constant, got {cfg.schedule!r}")
-    if cfg.shards not in SHARDS:
-        raise ConfigError("--shards", f"must be one of {', '.join(SHARDS)}, got {cfg.shards!r}")
+    try:
+        check_shards(cfg.shards)
+    except TaskError as e:
+        raise ConfigError("--shards", str(e)) from None
     if cfg.lr < 0:
         raise ConfigError("--lr", f"must be positive (or 0 for the task default), got {cfg.lr}")
     cfg.check_outer()
     cfg.algorithm_list()
+
+
+def note_ignored(spec, given: dict, console: Console) -> None:
+    """One line naming the flags ``spec``'s algorithm does not take (one command
+    may compare algorithms that take different flags)."""
+    ignored = spec.ignored(given)
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        console.print(f"[dim]{spec.name} does not take {flags}: not applied to it[/]", highlight=False)
 
 
 def network_of(cfg: SimulateConfig) -> Network:
@@ -88,6 +99,8 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     if cfg.tokens:
         steps = max(1, cfg.tokens // (cfg.workers * task.tokens_per_batch))
     algorithms = cfg.algorithm_list()
+    for a in algorithms:
+        note_ignored(get_algorithm(a), cfg.outer_options(), console)
     settings = [settings_for(a, cfg.outer_options()) for a in algorithms]
 
     threads = torch.get_num_threads()

@@ -28,8 +28,8 @@ class Task:
     """A model, data per worker, a loss and an evaluation.
 
     ``make_model(seed)`` builds the model (the same seed gives the same
-    weights); ``batches(rank, workers, seed)`` yields the (inputs, targets) of
-    worker ``rank``'s own shard, forever; ``loss(model, batch)`` is the training
+    weights); ``batches(rank, workers, seed)`` yields worker ``rank``'s
+    (inputs, targets) batches, forever (which data: ``shards`` below); ``loss(model, batch)`` is the training
     loss; ``evaluate(model)`` the held-out loss (a float); ``make_inner(model,
     lr)`` the inner optimizer; ``tokens_per_batch`` counts one batch.
 

@@ -257,7 +257,7 @@ def test_streaming_defaults_and_named_fragments():
         [torch.nn.Linear(2, 2) for _ in range(4)])})
     opt = StreamingDiLoCo(blocks.named_parameters(), torch.optim.AdamW(blocks.parameters()),
                           LocalSwarm(1).averager(0), sync_every=100)
-    assert (opt.fragments, opt.delay, opt.alpha, opt.compression.name) == (4, 1, 0.5, "fp4")
+    assert (opt.fragments, opt.delay, opt.alpha, opt.compression.name) == (4, 1, 0.0, "fp4")
     names = [n for n, _ in blocks.named_parameters()]
     # 5 units: embed.weight, embed.bias (alone each) and blocks.0..3; strided over 4 fragments
     frag_names = [[names[i] for i in idx] for idx in opt.fragment_params]
@@ -279,4 +279,4 @@ def test_momentum_restart_when_the_mean_reverses_hand_computed(restart, phi2):
         p.grad = torch.tensor([g], dtype=torch.float64)
         opt.step()
     assert p.item() == pytest.approx(phi2, abs=1e-6)  # phi is kept in fp32
-    assert opt.momentum_restarts == int(restart)
+    assert opt.stats.momentum_restarts == int(restart)

@@ -35,7 +35,7 @@ def signature_default(cls: type, name: str):
 
 def test_the_registry_holds_the_six_algorithms():
     assert list(ALGORITHMS) == NAMES
-    assert [n for n, spec in ALGORITHMS.items() if spec.sync_every is not None] == OUTER
+    assert [n for n, spec in ALGORITHMS.items() if spec.periodic] == OUTER
 
 
 # --- 1. one set of defaults ---
@@ -67,7 +67,7 @@ def test_concrete_defaults():
     s = settings_for("streaming")
     assert s.sync_every == 20 and s.options["sync_every"] == 20
     assert s.options["delay"] == 1 and s.delay == 1
-    assert s.options["alpha"] == 0.5
+    assert s.options["alpha"] == 0.0
     assert s.options["compressor"] == "fp4" and s.compressor == "fp4"
     assert s.options["fragments"] is None and s.fragments == 4  # auto: largest P <= 4 dividing 20
     assert s.options["error_feedback"] is False and s.options["group_size"] is None
@@ -90,7 +90,7 @@ def test_concrete_defaults():
     assert (s.sync_every, s.fragments, s.delay, s.group_size) == (20, 1, 0, None)
 
     s = settings_for("dgc")
-    assert s.options == {"compressor": "topk", "momentum_correction": True} and s.sync_every == 1
+    assert s.options == {"compressor": "topk", "momentum_correction": True, "momentum": 0.0} and s.sync_every == 1
 
     s = settings_for("ddp")
     assert s.options == {} and (s.sync_every, s.fragments, s.delay, s.compressor) == (1, 1, 0, "none")
@@ -134,15 +134,16 @@ def test_other_flags_override_only_where_taken():
     s = settings_for("sparseloco", given)  # no codec or momentum to choose: its own stay
     assert "compressor" not in s.options and "outer_momentum" not in s.options
     assert s.options["outer_lr"] == 0.3 and s.options["group_size"] == 3
-    assert settings_for("dgc", given).options == {"compressor": "int8", "momentum_correction": True}
+    assert settings_for("dgc", given).options == {"compressor": "int8", "momentum_correction": True, "momentum": 0.0}
     assert settings_for("ddp", given).options == {}
 
 
 def test_fragments_zero_means_automatic():
-    for h, p in ((20, 4), (30, 3), (7, 1), (2, 2)):
+    for h, p in ((20, 4), (30, 3), (7, 1), (2, 1), (4, 2)):  # H / P must exceed the default delay, 1
         s = settings_for("streaming", SimulateConfig(sync_every=h, fragments=0).outer_options())
         assert s.options["fragments"] is None
-        assert s.fragments == auto_fragments(h) == p, h
+        assert s.fragments == auto_fragments(h, delay=1) == p, h
+    assert auto_fragments(2) == 2 and auto_fragments(4, delay=1) == 2 and auto_fragments(20, delay=5) == 2
     assert auto_fragments(20, n_units=3) == 2  # capped by the model's parameter units
 
 
