@@ -65,7 +65,7 @@ import torch
 
 from lowcomm.averaging import (
     AverageResult, Compression, check_group_size, draw_groups, flatten, group_seed, shard_bounds, unflatten,
-    weighted_mean,
+    by_peer, weighted_mean,
 )
 from lowcomm.compressors import (
     Buffer, Compressor, ErrorFeedback, Payload, WireFormatError, decode, decompress, decompress_into,
@@ -559,7 +559,7 @@ class Swarm:
     @classmethod
     def _reduce(cls, codec: Compressor, parts: dict) -> tuple[list[Buffer], torch.Tensor]:
         """The weighted mean of ``parts``, compressed once (see `_pack`)."""
-        return cls._pack(type(codec)(**codec.options()), weighted_mean(parts.values()))
+        return cls._pack(type(codec)(**codec.options()), weighted_mean(by_peer(parts)))
 
     async def _run(self, fn, *args):
         return await self.loop.run_in_executor(None, fn, *args)
@@ -667,7 +667,7 @@ class Swarm:
         got = await self._collect(key, round, {("full", 0, g) for g in group if g != self.peer_id},
                                   start + timeout)
         parts = await self._accept(got, x.numel(), {self.peer_id: (weight, mine)})
-        out = weighted_mean(parts.values())
+        out = weighted_mean(by_peer(parts))
         return AverageResult(unflatten(out, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
                              bytes_received=sum(m["size"] for m in got.values()), sent=[mine])
 

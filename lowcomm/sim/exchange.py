@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowcomm.averaging import AverageResult, Compression, shard_bounds, unflatten, weighted_mean
+from lowcomm.averaging import AverageResult, Compression, by_peer, shard_bounds, unflatten, weighted_mean
 from lowcomm.compressors import Compressor, ErrorFeedback, encode, get_compressor
 
 
@@ -78,7 +78,7 @@ def _butterfly(group: list[Contribution]) -> list[AverageResult]:
     # phase 2: reducer j averages shard j in fp32 and sends the compressed mean to all
     means, mean_size = [], []
     for j in range(n):
-        acc = weighted_mean((c.weight, decoded[i][j]) for i, c in enumerate(group))
+        acc = weighted_mean(by_peer({c.peer_id: (c.weight, decoded[i][j]) for i, c in enumerate(group)}))
         reducer_codec = codec_of(group[j].compression)
         mean, nbytes = _roundtrip(type(reducer_codec)(**reducer_codec.options()), acc)
         means.append(mean)
@@ -97,7 +97,7 @@ def _butterfly(group: list[Contribution]) -> list[AverageResult]:
 def _all_gather(group: list[Contribution]) -> list[AverageResult]:
     n = len(group)
     decoded, size = zip(*(_roundtrip(codec_of(c.compression), c.vector) for c in group))
-    vector = weighted_mean((c.weight, d) for c, d in zip(group, decoded))
+    vector = weighted_mean(by_peer({c.peer_id: (c.weight, d) for c, d in zip(group, decoded)}))
     results = []
     for i, c in enumerate(group):
         phase = ((n - 1) * size[i], sum(size) - size[i])
