@@ -96,6 +96,20 @@ class OuterConfig:
                                                   f"{', '.join(codec_names())}")
 
 
+AGGREGATOR_HELP = ("How each group combines its members' contributions, the same on every member: mean, or a "
+                   "robust rule against hostile peers: trimmed_mean, median, centered_clip, each optionally after "
+                   "norm_clip (e.g. norm_clip+trimmed_mean). Claimed weights are capped at 2x the group median.")
+
+
+def check_aggregator(spec: str) -> None:
+    from lowcomm.averaging.reduce import get_reducer
+
+    try:
+        get_reducer(spec)
+    except ValueError as e:
+        raise ConfigError("--aggregator", str(e)) from None
+
+
 def algorithm_names(text: str) -> list[str]:
     """The algorithms of a comma-separated ``--algorithms`` value, checked against the registry."""
     from lowcomm.optimizers.registry import ALGORITHMS
@@ -125,6 +139,7 @@ class SimulateConfig(OuterConfig):
                         "warm-up, then cosine decay to 10%), or constant.")
     shards: str = opt("iid", "How the task's data is split over workers: iid (every worker samples the whole "
                       "training set) or noniid (each worker a part of its own; the task's docstring says which).")
+    aggregator: str = opt("mean", AGGREGATOR_HELP)
     bandwidth: str = opt("100Mbit", "Per-worker link bandwidth each way, e.g. 100Mbit, 1Gbit, 12.5MB/s.")
     latency: str = opt("50ms", "Latency per message hop, e.g. 50ms.")
     step_time: str = opt("auto", "Compute time of one inner step, e.g. 200ms; 'auto' measures it here on one core.")
@@ -167,6 +182,8 @@ class JoinConfig(OuterConfig):
     task: str = opt("tinylm", "Task: tinylm, codeclass, terrain, or module:function returning a lowcomm.tasks.Task.")
     data: str = opt("", "Folder of text files for tinylm (empty: the Python standard library's sources).")
     algorithm: str = opt("diloco", "Outer algorithm: diloco, streaming, noloco or sparseloco.")
+    aggregator: str = opt("mean", AGGREGATOR_HELP + " Members of a swarm with a robust rule leave out a peer "
+                          "flagged as an outlier in 3 consecutive rounds, for 20 rounds.")
     lr: float = opt(0.0, "Inner learning rate (0: the task's default).")
     batch_size: int = opt(0, "Sequences per step (0: the task's default).")
     seed: int = opt(0, "Seed of the initial weights (the same on every node) and of this node's data order.")

@@ -40,6 +40,8 @@ class AverageResult:
     each sequential message phase of the exchange, for network models.
     ``shards_averaged`` (real swarm, butterfly) says which of the group's
     shards were averaged; a shard whose reducer failed keeps the local values.
+    ``outliers`` are the members the reducer flagged (a robust rule trimmed or
+    clipped them, or capped their weight), sorted.
     """
 
     tensors: list[torch.Tensor]
@@ -51,6 +53,7 @@ class AverageResult:
     sent: list[torch.Tensor] | None = None
     reason: str = ""
     shards_averaged: list[bool] = field(default_factory=list)
+    outliers: list[str] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:

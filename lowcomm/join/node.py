@@ -35,7 +35,7 @@ from rich.markup import escape
 
 from lowcomm.checkpoint import CheckpointError, load_state, save_state, state_from_bytes, state_to_bytes
 from lowcomm.compressors import wire_size
-from lowcomm.config import ConfigError, JoinConfig, OuterConfig
+from lowcomm.config import ConfigError, JoinConfig, OuterConfig, check_aggregator
 from lowcomm.join.settings import differences, run_settings, settings_hash
 from lowcomm.sim.report import format_bytes
 from lowcomm.optimizers.registry import ALGORITHMS, build_optimizer, settings_for
@@ -117,6 +117,7 @@ class Node:
             raise ConfigError("--algorithm", f"must be one of {', '.join(outer)}, got {cfg.algorithm!r}")
         cfg.check_outer()
         cfg.check_taken(cfg.algorithm)
+        check_aggregator(cfg.aggregator)
         for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size)):
             if value < 0:
                 raise ConfigError(flag, f"must be >= 0, got {value}")
@@ -146,7 +147,7 @@ class Node:
         self.settings = settings_for(cfg.algorithm, cfg.outer_options())
         self.model = self.task.make_model(cfg.seed)
         self.inner = self.task.make_inner(self.model, cfg.lr or self.task.default_lr)
-        self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings)
+        self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings, cfg.aggregator)
         self.hash = settings_hash(self.run_settings)
 
     def _claim_checkpoint_dir(self) -> Path:
@@ -190,7 +191,7 @@ class Node:
             self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", backend=cfg.backend,
                                     listen=[cfg.listen], announce=[cfg.announce] if cfg.announce else [],
                                     identity_path=identity, window=cfg.window, secret=self.secret,
-                                    allow=cfg.allow_list())
+                                    allow=cfg.allow_list(), aggregator=cfg.aggregator)
         except BackendConflict as e:
             raise ConfigError("--backend", str(e)) from None
         except BootstrapFailed:
@@ -361,8 +362,8 @@ class Node:
         cfg = self.cfg
         addr = self.swarm.addrs()[0]
         extra = [f"--run-id {shlex.quote(cfg.run_id)}"] if cfg.run_id != "lowcomm" else []
-        shared = ["backend", "task", "data", "algorithm", *(f.name for f in fields(OuterConfig)), "secret_file",
-                  "allow"]  # what every node must set alike
+        shared = ["backend", "task", "data", "algorithm", "aggregator", *(f.name for f in fields(OuterConfig)),
+                  "secret_file", "allow"]  # what every node must set alike
         defaults = JoinConfig()
         for name in shared:
             flag, value = "--" + name.replace("_", "-"), getattr(cfg, name)
@@ -404,9 +405,11 @@ class Node:
             rounds_seen = opt.stats.outer_rounds
             now = time.monotonic()
             members = len(self.swarm.known_members)
+            excluded = len(self.swarm.exclusions.excluded())
             swarm_round = sum(opt.rounds) if hasattr(opt, "rounds") else opt.round  # the same on every node
             self.console.print(
-                f"round {swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members} | "
+                f"round {swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members}"
+                f"{f' ({excluded} excluded)' if excluded else ''} | "
                 f"loss {loss.item():.4f} | {tokens / max(now - t_last, 1e-9):,.0f} tok/s | "
                 f"sent {format_bytes(opt.stats.bytes_sent)} recv {format_bytes(opt.stats.bytes_received)} | "
                 f"x{ratio:.1f} compression | round {now - t_step:.2f} s | phi {phi_digest(opt)}", highlight=False,

@@ -12,10 +12,10 @@ from lowcomm.optimizers.diloco import auto_fragments
 from lowcomm.optimizers.registry import Settings
 
 
-def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings) -> dict:
-    """What must match between nodes: the task, the model's parameter shapes and
-    the outer algorithm's settings (not learning rate or batch size, which are
-    each node's own). Streaming DiLoCo's automatic fragment count is resolved
+def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings, aggregator: str = "mean") -> dict:
+    """What must match between nodes: the task, the model's parameter shapes,
+    the outer algorithm's settings and the swarm's aggregator (not learning
+    rate or batch size, which are each node's own). Streaming DiLoCo's automatic fragment count is resolved
     for the model, so it matches a node that set the same count."""
     named = list(model.named_parameters())
     shapes = [[name, list(p.shape)] for name, p in named]
@@ -23,7 +23,7 @@ def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings
     if "fragments" in options and options["fragments"] is None:
         options["fragments"] = auto_fragments(settings.sync_every, len(units(named)), settings.delay)
     return {"task": task_spec, "data": data, "parameters": shapes, "algorithm": settings.algorithm,
-            **options, "sync_every": settings.sync_every}
+            **options, "sync_every": settings.sync_every, "aggregator": aggregator}
 
 
 def settings_hash(settings: dict) -> str:

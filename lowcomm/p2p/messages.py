@@ -17,7 +17,7 @@ from lowcomm.compressors.wire import frame, unframe
 from lowcomm.p2p.transport import Message, segments
 
 PROTOCOL_JOIN = "/lowcomm/join/1"
-PROTOCOL_PART = "/lowcomm/part/2"
+PROTOCOL_PART = "/lowcomm/part/3"
 
 _LIMITS = {"max_str_len": 4096, "max_array_len": 100_000, "max_map_len": 32}
 _SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -25,8 +25,9 @@ _SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "roster": {"roster": list, "reason": str},
     # phase: "part" (a shard for its reducer), "mean" (a reduced shard), "full" (all-gather),
     # "bpart"/"bmean" (the same for a backup reducer); the blob is the frame's body
+    # outliers: the members a reducer flagged ("mean"/"bmean"; empty otherwise)
     "part": {"run": str, "key": str, "round": int, "phase": str, "shard": int, "weight": float,
-             "contributors": list},
+             "contributors": list, "outliers": list},
 }
 
 
@@ -62,5 +63,8 @@ def unpack(kind: str, data: Buffer) -> dict:
         if not isinstance(v, typ) or isinstance(v, bool):
             raise WireFormatError(f"{kind} message field {name!r} has type {type(v).__name__}")
     if kind == "part":
+        for name in ("contributors", "outliers"):
+            if not all(isinstance(peer, str) for peer in obj[name]):
+                raise WireFormatError(f"part message field {name!r} must list peer ids")
         obj["blob"] = body
     return obj

@@ -65,8 +65,9 @@ import torch
 
 from lowcomm.averaging import (
     AverageResult, Compression, check_group_size, draw_groups, flatten, group_seed, shard_bounds, unflatten,
-    by_peer, weighted_mean,
 )
+from lowcomm.averaging.exclusion import Exclusions
+from lowcomm.averaging.reduce import get_reducer
 from lowcomm.compressors import (
     Buffer, Compressor, ErrorFeedback, Payload, WireFormatError, decode, decompress, decompress_into,
     encode_segments, get_compressor, wire_size,
@@ -155,9 +156,12 @@ class Swarm:
 
     def __init__(self, transport: Transport, run_id: str = "lowcomm", *, membership_ttl: float = 10.0,
                  window: float = 5.0, base_timeout: float = 10.0, bandwidth: float = 100e6,
-                 min_bandwidth: float = 1e6):
+                 min_bandwidth: float = 1e6, aggregator: str = "mean", exclude_after: int = 3,
+                 exclude_rounds: int = 20):
         if not bandwidth >= min_bandwidth > 0:
             raise ValueError(f"need bandwidth >= min_bandwidth > 0 (bits/s), got {bandwidth} and {min_bandwidth}")
+        self.reducer = get_reducer(aggregator)
+        self.exclusions = Exclusions(exclude_after, exclude_rounds)
         self.transport, self.run_id = transport, run_id
         self.membership_ttl, self.window = membership_ttl, window
         self.base_timeout, self.bandwidth, self.min_bandwidth = base_timeout, bandwidth, min_bandwidth
@@ -408,6 +412,9 @@ class Swarm:
                 return AverageResult(tensors, True, [self.peer_id])
             exchange = self._all_gather if codec.sparse else self._butterfly
             result = await exchange(key, round, group, x, p, weight, codec, tensors, timeout)
+            for peer in self.exclusions.observe(group, result.outliers, self.peer_id):
+                log.warning("excluding %s from groups for %d rounds: an outlier (%s) in %d consecutive rounds",
+                            peer, self.exclusions.cooldown, self.reducer.spec, self.exclusions.after)
             if abs(self.bandwidth_estimate() - self._announced) > 0.25 * self._announced:
                 await self._publish()  # others size their deadlines by it: tell them now, not at the next refresh
             if isinstance(compression, ErrorFeedback) and result.sent is not None:
@@ -465,9 +472,9 @@ class Swarm:
                      sorted(set(self._expected()) - set(lobby.joined)))
             self._close_lobby(lobby)
 
-    @staticmethod
-    def _close_lobby(lobby: _Lobby) -> None:
-        lobby.roster = sorted(lobby.joined)
+    def _close_lobby(self, lobby: _Lobby) -> None:
+        """The roster: who joined, less the members this leader excludes as outliers."""
+        lobby.roster = sorted(p for p in lobby.joined if not self.exclusions.is_excluded(p))
         lobby.done.set()
 
     async def _on_join(self, sender: str, data: bytes) -> bytes:
@@ -491,11 +498,11 @@ class Swarm:
         return b"ok"
 
     def _part(self, key: str, round: int, phase: str, shard: int, weight: float, contributors: list[str],
-              blob: list[Buffer]) -> _Part:
+              blob: list[Buffer], outliers: Sequence[str] = ()) -> _Part:
         """A part message, packed once (it may go to several peers)."""
         return _Part(f"{key}/{round} {phase} shard {shard}",
                      messages.pack_part(blob, run=self.run_id, key=key, round=round, phase=phase, shard=shard,
-                                        weight=weight, contributors=contributors))
+                                        weight=weight, contributors=contributors, outliers=list(outliers)))
 
     async def _send(self, peer: str, part: _Part, timeout: float) -> int:
         """Send a part message; returns the bytes sent (0 if the peer could not be reached)."""
@@ -556,10 +563,12 @@ class Swarm:
         payload = codec.compress_owned(x)
         return encode_segments(payload), x if codec.exact else codec.decompress(payload).float().reshape(-1)
 
-    @classmethod
-    def _reduce(cls, codec: Compressor, parts: dict) -> tuple[list[Buffer], torch.Tensor]:
-        """The weighted mean of ``parts``, compressed once (see `_pack`)."""
-        return cls._pack(type(codec)(**codec.options()), weighted_mean(by_peer(parts)))
+    def _reduce(self, codec: Compressor, parts: dict) -> tuple[list[Buffer], torch.Tensor, list[str]]:
+        """``parts`` combined by the swarm's reducer, compressed once (see `_pack`),
+        and the members it flagged."""
+        reduced = self.reducer.reduce(parts)
+        blob, mean = self._pack(type(codec)(**codec.options()), reduced.value)
+        return blob, mean, reduced.outliers
 
     async def _run(self, fn, *args):
         return await self.loop.run_in_executor(None, fn, *args)
@@ -583,8 +592,9 @@ class Swarm:
         parts = await self._accept(got, hi - lo, {self.peer_id: (weight, mine[me])})
         contributors = sorted(parts)
         t1 = time.monotonic()
-        mean_blob, mean = await self._run(self._reduce, codec, parts)
-        mean_part = self._part(key, round, "mean", me, weight, contributors, mean_blob)
+        mean_blob, mean, flagged = await self._run(self._reduce, codec, parts)
+        outliers = set(flagged)
+        mean_part = self._part(key, round, "mean", me, weight, contributors, mean_blob, flagged)
         t2 = time.monotonic()
         sent2 = await asyncio.gather(*(self._send(g, mean_part, timeout) for g in group if g != self.peer_id))
         bytes_sent += sum(sent2)
@@ -616,6 +626,7 @@ class Swarm:
                 if good:
                     filled[j], averaged[j] = True, len(msg["contributors"]) > 1
                     who |= set(msg["contributors"]) if averaged[j] else set()
+                    outliers.update(msg["outliers"])
 
         await apply([(j, msg, sender) for (_, j, sender), msg in means.items()])
         # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
@@ -640,7 +651,7 @@ class Swarm:
         return AverageResult(unflatten(out, tensors), any(averaged), sorted(who | {self.peer_id}),
                              bytes_sent=bytes_sent, bytes_received=received,
                              sent=[p if codec.exact else torch.cat(mine)],
-                             shards_averaged=averaged,
+                             shards_averaged=averaged, outliers=sorted(outliers),
                              reason="" if all(averaged) else "some shards kept local values")
 
     async def _back_up(self, key, round, j, group, bounds, alive, weight, own, codec, start, timeout):
@@ -651,11 +662,11 @@ class Swarm:
         expected = {("bpart", j, g) for g in alive if g not in (self.peer_id, group[j])}
         got = await self._collect(key, round, expected, start + 3 * timeout)
         parts = await self._accept(got, b - a, {self.peer_id: (weight, own)})
-        blob, _ = await self._run(self._reduce, codec, parts)
+        blob, _, flagged = await self._run(self._reduce, codec, parts)
         contributors = sorted(parts)
-        part = self._part(key, round, "bmean", j, weight, contributors, blob)
+        part = self._part(key, round, "bmean", j, weight, contributors, blob, flagged)
         sent = await asyncio.gather(*(self._send(g, part, timeout) for g in parts if g != self.peer_id))
-        own_msg = {"blob": b"".join(blob), "contributors": contributors, "phase": "bmean"}
+        own_msg = {"blob": b"".join(blob), "contributors": contributors, "phase": "bmean", "outliers": flagged}
         return sum(sent), sum(m["size"] for m in got.values()), (j, own_msg)
 
     async def _all_gather(self, key, round, group, x, p, weight, codec, tensors, timeout) -> AverageResult:
@@ -667,9 +678,10 @@ class Swarm:
         got = await self._collect(key, round, {("full", 0, g) for g in group if g != self.peer_id},
                                   start + timeout)
         parts = await self._accept(got, x.numel(), {self.peer_id: (weight, mine)})
-        out = weighted_mean(by_peer(parts))
-        return AverageResult(unflatten(out, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
-                             bytes_received=sum(m["size"] for m in got.values()), sent=[mine])
+        reduced = await self._run(self.reducer.reduce, parts)
+        return AverageResult(unflatten(reduced.value, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
+                             bytes_received=sum(m["size"] for m in got.values()), sent=[mine],
+                             outliers=reduced.outliers)
 
 
 #: A phase that sends fewer bytes than this is not timed: latency would dominate.

@@ -15,7 +15,9 @@ exactly those of the network protocol:
   contribution to every other member; each averages the n decompressed
   contributions. (n-1) payloads each way, in one phase.
 
-Means are weighted by each member's weight and renormalised over the group.
+Each shard (butterfly) or the gathered set (all-gather) is combined by the
+group's reducer (`lowcomm.averaging.reduce`): the weighted mean, renormalised
+over the members present, unless the swarm chose a robust rule.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowcomm.averaging import AverageResult, Compression, by_peer, shard_bounds, unflatten, weighted_mean
+from lowcomm.averaging import AverageResult, Compression, shard_bounds, unflatten
+from lowcomm.averaging.reduce import Reducer, get_reducer
 from lowcomm.compressors import Compressor, ErrorFeedback, encode, get_compressor
 
 
@@ -51,14 +54,16 @@ def _roundtrip(codec: Compressor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return codec.decompress(payload).to(torch.float32), len(encode(payload))
 
 
-def exchange(group: list[Contribution]) -> list[AverageResult]:
-    """Average one group; one result per member, in the group's order."""
+def exchange(group: list[Contribution], reducer: Reducer | None = None) -> list[AverageResult]:
+    """Average one group with ``reducer`` (the weighted mean by default); one
+    result per member, in the group's order."""
+    reducer = reducer or get_reducer("mean")
     ids = [c.peer_id for c in group]
     if len(group) == 1:
         c = group[0]
         return [AverageResult([t.detach().clone() for t in c.tensors], True, ids)]
     codec = codec_of(group[0].compression)
-    results = (_all_gather if codec.sparse else _butterfly)(group)
+    results = (_all_gather if codec.sparse else _butterfly)(group, reducer)
     for c, r in zip(group, results):
         r.participants = ids
         if isinstance(c.compression, ErrorFeedback) and r.sent is not None:
@@ -66,7 +71,7 @@ def exchange(group: list[Contribution]) -> list[AverageResult]:
     return results
 
 
-def _butterfly(group: list[Contribution]) -> list[AverageResult]:
+def _butterfly(group: list[Contribution], reducer: Reducer) -> list[AverageResult]:
     n = len(group)
     bounds = shard_bounds(group[0].vector.numel(), n)
     # phase 1: decoded[i][j] is member i's shard j as reducer j receives it
@@ -76,9 +81,11 @@ def _butterfly(group: list[Contribution]) -> list[AverageResult]:
         for j, (lo, hi) in enumerate(bounds):
             decoded[i][j], size[i][j] = _roundtrip(codec, c.vector[lo:hi])
     # phase 2: reducer j averages shard j in fp32 and sends the compressed mean to all
-    means, mean_size = [], []
+    means, mean_size, outliers = [], [], set()
     for j in range(n):
-        acc = weighted_mean(by_peer({c.peer_id: (c.weight, decoded[i][j]) for i, c in enumerate(group)}))
+        reduced = reducer.reduce({c.peer_id: (c.weight, decoded[i][j]) for i, c in enumerate(group)})
+        acc = reduced.value
+        outliers.update(reduced.outliers)
         reducer_codec = codec_of(group[j].compression)
         mean, nbytes = _roundtrip(type(reducer_codec)(**reducer_codec.options()), acc)
         means.append(mean)
@@ -90,17 +97,19 @@ def _butterfly(group: list[Contribution]) -> list[AverageResult]:
         p2 = ((n - 1) * mean_size[i], sum(mean_size[j] for j in range(n) if j != i))
         results.append(AverageResult(
             unflatten(vector.clone(), c.tensors), True, bytes_sent=p1[0] + p2[0], bytes_received=p1[1] + p2[1],
-            phases=[p1, p2], sent=[torch.cat(decoded[i])]))
+            phases=[p1, p2], sent=[torch.cat(decoded[i])], outliers=sorted(outliers)))
     return results
 
 
-def _all_gather(group: list[Contribution]) -> list[AverageResult]:
+def _all_gather(group: list[Contribution], reducer: Reducer) -> list[AverageResult]:
     n = len(group)
     decoded, size = zip(*(_roundtrip(codec_of(c.compression), c.vector) for c in group))
-    vector = weighted_mean(by_peer({c.peer_id: (c.weight, d) for c, d in zip(group, decoded)}))
+    reduced = reducer.reduce({c.peer_id: (c.weight, d) for c, d in zip(group, decoded)})
+    vector = reduced.value
     results = []
     for i, c in enumerate(group):
         phase = ((n - 1) * size[i], sum(size) - size[i])
         results.append(AverageResult(unflatten(vector.clone(), c.tensors), True, bytes_sent=phase[0],
-                                     bytes_received=phase[1], phases=[phase], sent=[decoded[i]]))
+                                     bytes_received=phase[1], phases=[phase], sent=[decoded[i]],
+                                     outliers=list(reduced.outliers)))
     return results

@@ -85,7 +85,7 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
                   on_round: Callable[[str], None] | None = None) -> AlgorithmRun:
     """Train ``settings.algorithm`` for ``steps`` inner steps on every worker."""
     n = cfg.workers
-    swarm = LocalSwarm(n, seed=cfg.seed, run_id=settings.algorithm)
+    swarm = LocalSwarm(n, seed=cfg.seed, run_id=settings.algorithm, aggregator=cfg.aggregator)
     net = NetworkModel(network, [swarm.peer_id(r) for r in range(n)])
     lr = cfg.lr or task.default_lr
     points = sorted({0, steps, *range(cfg.eval_every, steps, cfg.eval_every)})

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lowcomm.config import ConfigError, SimulateConfig
+from lowcomm.config import ConfigError, SimulateConfig, check_aggregator
 from lowcomm.sim import plan, report
 from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
 from lowcomm.optimizers.registry import get_algorithm, settings_for
@@ -43,6 +43,7 @@ def validate(cfg: SimulateConfig) -> None:
     if cfg.lr < 0:
         raise ConfigError("--lr", f"must be positive (or 0 for the task default), got {cfg.lr}")
     cfg.check_outer()
+    check_aggregator(cfg.aggregator)
     cfg.algorithm_list()
 
 

@@ -23,6 +23,8 @@ import torch
 from lowcomm.averaging import (
     AverageResult, Compression, check_group_size, draw_groups, flatten, group_seed,
 )
+from lowcomm.averaging.exclusion import Exclusions
+from lowcomm.averaging.reduce import get_reducer
 from lowcomm.compressors import ErrorFeedback
 from lowcomm.sim.exchange import Contribution, exchange
 
@@ -79,11 +81,20 @@ class LocalSwarm:
     """An in-process swarm of ``num_workers`` ranks (see the module docstring).
 
     ``deadline`` (seconds) bounds how long `result()` waits by default.
+    ``aggregator`` is the group's reducer, the same for every rank: ``mean``,
+    ``trimmed_mean``, ``median``, ``centered_clip`` or ``norm_clip+<rule>``
+    (`lowcomm.averaging.reduce`); results name the members it flagged. As in
+    the real swarm, a member flagged in ``exclude_after`` consecutive rounds
+    is left out for ``exclude_rounds`` rounds (`Exclusions`; every group
+    exchange counts as a round).
     """
 
-    def __init__(self, num_workers: int, seed: int = 0, deadline: float = 120.0, run_id: str = "local"):
+    def __init__(self, num_workers: int, seed: int = 0, deadline: float = 120.0, run_id: str = "local",
+                 aggregator: str = "mean", exclude_after: int = 3, exclude_rounds: int = 20):
         if type(num_workers) is not int or num_workers < 1:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        self.reducer = get_reducer(aggregator)
+        self.exclusions = Exclusions(exclude_after, exclude_rounds)
         self.num_workers, self.seed, self.deadline = num_workers, seed, deadline
         self.run_id = f"{run_id}/{seed}"
         self._lock = threading.Lock()
@@ -155,7 +166,13 @@ class LocalSwarm:
             return
         del self._rounds[rkey]
         by_id = {c.peer_id: (c, h) for c, h in r.contributions.values()}
+        for peer in [p for p in by_id if self.exclusions.is_excluded(p)]:  # left out, as a swarm's leader does
+            c, handle = by_id.pop(peer)
+            handle._set(AverageResult([t.detach().clone() for t in c.tensors], False, [peer],
+                                      reason="excluded as an outlier"))
         for group in draw_groups(list(by_id), group_seed(self.run_id, *rkey), r.group_size):
             members = [by_id[p] for p in group]
-            for (_, handle), result in zip(members, exchange([c for c, _ in members])):
+            results = exchange([c for c, _ in members], self.reducer)
+            for (_, handle), result in zip(members, results):
                 handle._set(result)
+            self.exclusions.observe(group, results[0].outliers, me="")

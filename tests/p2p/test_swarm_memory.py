@@ -270,3 +270,37 @@ def test_every_member_and_the_local_swarm_end_bitwise_equal(swarms, name, group_
     for a in real:  # every member of a group holds the same bits
         same = [b for b in real if b.participants == a.participants]
         assert all(torch.equal(a.tensors[0], b.tensors[0]) for b in same)
+
+
+@pytest.mark.parametrize("name", ["none", "topk"])  # butterfly and all-gather
+def test_a_robust_reducer_trims_a_scaled_attacker_and_the_leader_excludes_it(swarms, name, caplog):
+    n, attacker = 5, 4
+    _, nodes = swarms(n, aggregator="trimmed_mean", exclude_after=2, exclude_rounds=5)
+    codec = None if name == "none" else get_compressor("topk", density=1.0, values="fp32")
+    liar = nodes[attacker].peer_id
+    for round in range(3):
+        xs = values(n, seed=10 + round)
+        xs[attacker] = xs[attacker] * 100
+        handles = [s.average("k", [x], round=round, compressor=codec) for s, x in zip(nodes, xs)]
+        results = [h.result() for h in handles]
+        honest = [r for i, r in enumerate(results) if i != attacker]
+        if round < 2:  # in the roster: trimmed, flagged, and the honest mean stays near the honest values
+            stacked = torch.stack(xs)
+            want = stacked.sort(0).values[1:-1].mean(0)  # 5 members: one trimmed each side
+            for r in honest:
+                assert liar in r.participants and r.outliers == [liar]
+                assert torch.allclose(r.tensors[0], want, atol=1e-5, rtol=0)
+        else:  # flagged in 2 consecutive rounds: the leader leaves it out
+            assert not results[attacker].averaged and "roster" in results[attacker].reason
+            for r in honest:
+                assert liar not in r.participants and r.group_size == 4
+    assert any(liar in rec.getMessage() and "excluding" in rec.getMessage() for rec in caplog.records)
+    assert liar in nodes[0].exclusions.excluded()
+
+
+def test_a_claimed_weight_of_a_million_does_not_buy_the_mean(swarms):
+    _, nodes = swarms(4)
+    xs = [torch.full((100,), float(v)) for v in (1.0, 2.0, 3.0, 1000.0)]
+    handles = [s.average("k", [x], round=0, weight=1e6 if i == 3 else 1.0) for i, (s, x) in enumerate(zip(nodes, xs))]
+    for h in handles:  # capped at 2x the median weight (1): (1 + 2 + 3 + 2 * 1000) / 5
+        assert torch.allclose(h.result().tensors[0], torch.full((100,), 2006.0 / 5), atol=1e-3)
