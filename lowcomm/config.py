@@ -130,7 +130,8 @@ class SimulateConfig(OuterConfig):
     workers: int = opt(4, "Number of simulated workers.")
     algorithms: str = opt("ddp,diloco,streaming,noloco,sparseloco", "Comma-separated algorithms to compare: "
                           "ddp, dgc, diloco, streaming, noloco, sparseloco.")
-    steps: int = opt(400, "Inner steps per worker (every algorithm sees the same tokens).")
+    steps: int = opt(420, "Inner steps per worker (every algorithm sees the same tokens; the default gives every "
+                     "algorithm 20 completed outer rounds per fragment at H = 20).")
     tokens: int = opt(0, "Total training tokens over all workers; if set, overrides --steps.")
     lr: float = opt(0.0, "Inner AdamW learning rate (0: the task's default).")
     batch_size: int = opt(0, "Examples (tinylm: sequences) per worker per step (0: the task's default: tinylm 16, "

@@ -3,6 +3,7 @@
     python scripts/bench_swarm.py                    # 4 peers, 25M floats each, hivemind
     python scripts/bench_swarm.py --numel 5000000 --rounds 5 --codecs none int8
     python scripts/bench_swarm.py --backend libp2p
+    python scripts/bench_swarm.py --codecs none --aggregators mean,trimmed_mean,centered_clip
 
 Starts one process per peer (torch gets cores / peers threads in each, as if
 every peer had its own machine). Each round averages ``numel`` fp32 values per
@@ -18,7 +19,9 @@ reference, and fp32 values averaged per second. On loopback every peer shares
 the same cores, so the concurrent reference is the fair one for the protocol's
 overhead; the single stream shows what one link carries, and the ratio of the
 two references is the most any protocol could reach against the single stream
-on this machine.
+on this machine. With ``--aggregators``, the peers are started once per
+aggregator (the swarm's reducer) and the table adds each round's time as a
+ratio to ``mean``'s.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def node(args) -> None:
     if args.rank == 0 and args.verbose:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
         logging.getLogger("hivemind").setLevel(logging.WARNING)
-    swarm = Swarm.join(args.peers, run_id="bench", backend=args.backend, window=30.0)
+    swarm = Swarm.join(args.peers, run_id="bench", backend=args.backend, window=30.0, aggregator=args.aggregator)
     try:
         if args.rank == 0:
             print(json.dumps({"addrs": swarm.addrs()}), flush=True)
@@ -112,24 +115,12 @@ def node(args) -> None:
         swarm.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="hivemind", choices=("hivemind", "libp2p"))
-    ap.add_argument("--peers-count", dest="count", type=int, default=4)
-    ap.add_argument("--numel", type=int, default=25_000_000)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timed rounds per codec, after one warm-up round; the best is reported [3]")
-    ap.add_argument("--codecs", nargs="+", default=list(CODECS), help=f"codecs to time [{' '.join(CODECS)}]")
-    ap.add_argument("--verbose", action="store_true", help="peer 0 logs each phase of each round to stderr")
-    ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.rank is not None:
-        return node(args)
-
+def run_peers(args, aggregator: str) -> list[dict]:
+    """Start ``args.count`` peers with ``aggregator``; the records peer 0 printed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, __file__, "--backend", args.backend, "--peers-count", str(args.count),
-            "--numel", str(args.numel), "--rounds", str(args.rounds), "--codecs", *args.codecs]
+            "--numel", str(args.numel), "--rounds", str(args.rounds), "--codecs", *args.codecs,
+            "--aggregator", aggregator]
     base += ["--verbose"] if args.verbose else []
     procs = [subprocess.Popen([*base, "--rank", "0"], stdout=subprocess.PIPE, text=True, env=env)]  # stderr shown
     try:
@@ -143,6 +134,29 @@ def main() -> None:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="hivemind", choices=("hivemind", "libp2p"))
+    ap.add_argument("--peers-count", dest="count", type=int, default=4)
+    ap.add_argument("--numel", type=int, default=25_000_000)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed rounds per codec, after one warm-up round; the best is reported [3]")
+    ap.add_argument("--codecs", nargs="+", default=list(CODECS), help=f"codecs to time [{' '.join(CODECS)}]")
+    ap.add_argument("--aggregators", default="mean",
+                    help="comma-separated swarm reducers to time, e.g. mean,trimmed_mean,centered_clip [mean]")
+    ap.add_argument("--verbose", action="store_true", help="peer 0 logs each phase of each round to stderr")
+    ap.add_argument("--aggregator", default="mean", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rank is not None:
+        return node(args)
+
+    by_aggregator = {agg: run_peers(args, agg) for agg in args.aggregators.split(",")}
+    lines = by_aggregator[args.aggregators.split(",")[0]]
     raw = next(rec for rec in lines if "raw_s" in rec)
     raw_rate = raw["raw_bytes"] / raw["raw_s"]
     conc = next(rec for rec in lines if "concurrent_s" in rec)
@@ -165,6 +179,14 @@ def main() -> None:
         print(f"| {rec['codec']} | {rec['seconds']:.3f} | {rec['median']:.3f} | {rec['bytes_sent'] / 1e6:.1f} | {rate / 1e6:.1f} | "
               f"{rate / raw_rate:.2f} | {rate / conc_rate:.2f} | {args.numel / rec['seconds'] / 1e6:.1f}M |"
               + ("" if rec["averaged"] and rec["group"] == args.count else " (not all averaged)"))
+    if len(by_aggregator) > 1:
+        print("| aggregator | codec | s / round | median s | / mean's s / round |")
+        print("|---|---|---:|---:|---:|")
+        base = {rec["codec"]: rec["seconds"] for rec in by_aggregator.get("mean", lines) if "codec" in rec}
+        for agg, recs in by_aggregator.items():
+            for rec in (r for r in recs if "codec" in r):
+                print(f"| {agg} | {rec['codec']} | {rec['seconds']:.3f} | {rec['median']:.3f} | "
+                      f"{rec['seconds'] / base[rec['codec']]:.2f} |")
 
 
 if __name__ == "__main__":
