@@ -64,7 +64,7 @@ def job_crash(swarm, args) -> None:
     if me == len(members) - 1:
         async def die(*a, **k):
             os._exit(0)
-        swarm._butterfly = die
+        swarm.exchange.butterfly = die
     r = swarm.average("crash", [mine], round=0).result()
     want = torch.stack([contribution(i, numel) for i in range(len(members) - 1)]).double().mean(0)
     emit(check="crash", averaged=r.averaged, all_shards=all(r.shards_averaged), participants=len(r.participants),

@@ -210,7 +210,8 @@ def test_a_slow_member_lengthens_everyones_deadlines_and_bad_records_are_ignored
         slow.close()
     # never sized below min_bandwidth
     with Swarm(net.transport("floor"), "test", **FAST, bandwidth=2e6, min_bandwidth=2e6) as s:
-        s._measured = 1e3
+        s.upload.observe([1 << 20], 1e4)  # a measured 839 bits/s
+        assert s.bandwidth_estimate() == 8 * (1 << 20) / 1e4
         assert s.deadline_bandwidth() == 2e6
     with pytest.raises(ValueError, match="min_bandwidth"):
         Swarm(net.transport("bad"), "test", bandwidth=1e5)
@@ -238,8 +239,7 @@ def test_a_catch_up_keeps_joins_waiting_for_a_coming_round_and_forgets_closed_on
 
 
 async def _joined(swarm, key, round):
-    lobby = swarm._lobbies.get((key, round))
-    return dict(lobby.joined) if lobby else {}
+    return swarm.matchmaker.joined(key, round)
 
 
 def _codec(name):
