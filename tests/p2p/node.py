@@ -5,7 +5,8 @@
 
 Rank 0 prints {"addrs": [...]} first; every node then prints one JSON line
 per check and exits 0. Jobs: ``average`` (exact mean with none, int8, pairs)
-and ``diloco`` (DiLoCo training of a small model).
+``diloco`` (DiLoCo training of a small model), ``crash`` (a member dies
+mid-round) and ``hostile`` (DiLoCo with one member sending scaled updates).
 """
 
 from __future__ import annotations
@@ -89,23 +90,57 @@ def job_diloco(swarm, args) -> None:
          phi=digest([p for frag in opt.phi for p in frag]), theta=digest(list(model.parameters())))
 
 
+def job_hostile(swarm, args) -> None:
+    """DiLoCo on codeclass, the swarm's aggregator from --aggregator; the node with
+    the largest peer id (never the leader) sends its updates scaled x100. The loop
+    is `lowcomm.sim.attacks.train_under_attack`'s, so a LocalSwarm run is the
+    clean reference."""
+    from lowcomm.optimizers import DiLoCo
+    from lowcomm.sim.attacks import ATTACKS, HostileAverager
+    from lowcomm.sim.runner import lr_lambda
+    from lowcomm.tasks import load_task
+
+    torch.set_num_threads(1)
+    task = load_task("codeclass")
+    members = sorted(swarm.members())
+    me = members.index(swarm.peer_id)
+    hostile = me == len(members) - 1
+    model = task.make_model(0)
+    averager = HostileAverager(swarm, ATTACKS["scale100"], seed=me) if hostile else swarm
+    opt = DiLoCo(model.named_parameters(), task.make_inner(model, task.default_lr), averager, sync_every=20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", args.steps))
+    data = task.batches(me, len(members), 0)
+    for _ in range(args.steps):
+        task.loss(model, next(data)).backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    emit(check="hostile", me=swarm.peer_id, hostile=hostile, loss=task.evaluate(model),
+         excluded=swarm.exclusions.excluded(), rounds=opt.stats.outer_rounds,
+         not_averaged=opt.stats.rounds_not_averaged)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="hivemind")
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--count", type=int, required=True)
-    ap.add_argument("--job", choices=("average", "diloco", "crash"), required=True)
+    ap.add_argument("--job", choices=("average", "diloco", "crash", "hostile"), required=True)
     ap.add_argument("--peers", nargs="*", default=[])
     ap.add_argument("--numel", type=int, default=1 << 20)
+    ap.add_argument("--aggregator", default="mean")
+    ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     from lowcomm.p2p import Swarm
 
-    swarm = Swarm.join(args.peers, run_id=f"test-{args.job}", backend=args.backend, window=10.0, base_timeout=5.0)
+    swarm = Swarm.join(args.peers, run_id=f"test-{args.job}", backend=args.backend, window=10.0, base_timeout=5.0,
+                       aggregator=args.aggregator)
     try:
         if args.rank == 0:
             emit(addrs=swarm.addrs())
         swarm.wait_for_members(args.count, timeout=60)
-        {"average": job_average, "diloco": job_diloco, "crash": job_crash}[args.job](swarm, args)
+        {"average": job_average, "diloco": job_diloco, "crash": job_crash, "hostile": job_hostile}[args.job](
+            swarm, args)
     finally:
         swarm.close()
     sys.exit(0)

@@ -30,8 +30,10 @@ def assert_no_new_daemons(before: set[int], timeout: float = 15) -> None:
     assert p2pd_pids() <= before, "a p2pd daemon outlived its node"
 
 
-def run_nodes(job: str, count: int, backend: str = "hivemind", extra=(), timeout: float = 150) -> list[list[dict]]:
-    """Start ``count`` nodes (rank 0 first, the rest joining it); return each node's JSON lines."""
+def run_nodes(job: str, count: int, backend: str = "hivemind", extra=(), timeout: float = 150,
+              logs: list | None = None) -> list[list[dict]]:
+    """Start ``count`` nodes (rank 0 first, the rest joining it); return each node's JSON lines
+    (and append each node's stderr to ``logs``)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "tests.p2p.node", "--backend", backend, "--count", str(count), "--job", job,
            *extra]
@@ -50,6 +52,8 @@ def run_nodes(job: str, count: int, backend: str = "hivemind", extra=(), timeout
                 p.wait()
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
+        if logs is not None:
+            logs.append(err)
     assert_no_new_daemons(before)
     return [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
 
@@ -97,6 +101,25 @@ def test_a_peer_killed_mid_round_leaves_the_mean_of_the_others(backend):
         assert r["averaged"] and r["all_shards"] and r["participants"] == 3
         assert r["max_err"] <= 1e-6
     assert len({r["digest"] for r in survivors}) == 1
+
+
+def test_five_peers_with_a_scaling_attacker_trimmed_and_excluded():
+    from lowcomm.sim.attacks import train_under_attack
+    from lowcomm.tasks import load_task
+
+    logs: list[str] = []
+    lines = run_nodes("hostile", 5, extra=["--aggregator", "trimmed_mean", "--steps", "200"], timeout=240,
+                      logs=logs)
+    recs = [node[-1] for node in lines]
+    (attacker,) = [r["me"] for r in recs if r["hostile"]]
+    honest = [(r, log) for r, log in zip(recs, logs) if not r["hostile"]]
+    clean = train_under_attack(load_task("codeclass"), 5, "trimmed_mean", None, steps=200)  # the same loop, no attacker
+    loss = sum(r["loss"] for r, _ in honest) / len(honest)
+    assert loss <= 1.05 * clean, (loss, clean)
+    for r, log in honest:  # excluded within 3 rounds of 10, and named in every honest node's log
+        assert attacker in r["excluded"]
+        assert f"excluding {attacker}" in log
+    assert next(r for r in recs if r["hostile"])["not_averaged"] >= 1  # it was left out of rounds
 
 
 def test_interpreter_exit_without_close_stops_the_daemon():
