@@ -191,3 +191,16 @@ def test_timing_on_4_x_6M_values():
         out = get_reducer(spec).reduce(parts)
         print(f"reduce {spec}: 4 x 6M values, {1e3 * (time.perf_counter() - start):.0f} ms")
         assert out.value.shape == (6_000_000,)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 8, 9])
+def test_the_selection_network_agrees_with_a_sort(n):
+    g = torch.Generator().manual_seed(n)
+    values = [torch.randn(1000, generator=g) * 10 ** (i % 3) for i in range(n)]
+    ordered = torch.sort(torch.stack(values), dim=0).values
+    f = trim_count(n)
+    got = get_reducer("trimmed_mean").reduce({f"p{i}": (1.0, v) for i, v in enumerate(values)}).value
+    assert torch.allclose(got, ordered[f:n - f].mean(0), rtol=1e-6, atol=1e-5)
+    med = get_reducer("median").reduce({f"p{i}": (1.0, v) for i, v in enumerate(values)}).value
+    want = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) * 0.5
+    assert torch.equal(med, want)  # the median's values are picked, not summed: exact

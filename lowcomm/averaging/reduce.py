@@ -139,14 +139,44 @@ def _row_norms(x: torch.Tensor, overwrite: bool = False) -> list[float]:
     return sq[:, 0].sqrt().tolist()
 
 
-def _coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
-    """Per coordinate median of ``stacked`` (n, numel); for even n ``0.5 * (a + b)``
+def _middle(values: list[torch.Tensor], f: int) -> list[torch.Tensor]:
+    """Per coordinate, the values of ``values`` (n rows) less the f smallest and the
+    f largest: n - 2f rows (new tensors), in an order fixed by the network, not sorted.
+
+    A selection network of min/max exchanges: pass k moves the smallest of rows
+    k..n-1-k to row k and the largest to row n-1-k. It costs about 2 f n
+    elementwise passes, less than a sort for the small groups averaging uses, and
+    min/max are exact, so the same inputs give the same rows on every machine
+    (up to the sign of a zero, which `_sum_rows` callers normalise by adding 0)."""
+    rows = [v.clone() for v in values]
+    n = len(rows)
+    spare = torch.empty_like(rows[0])
+    for k in range(f):
+        for i in range(k + 1, n - k):            # smallest of rows k.. to row k
+            torch.maximum(rows[k], rows[i], out=spare)
+            torch.minimum(rows[k], rows[i], out=rows[k])
+            rows[i], spare = spare, rows[i]
+        for i in range(k + 1, n - 1 - k):        # largest of rows k+1.. to row n-1-k
+            torch.minimum(rows[n - 1 - k], rows[i], out=spare)
+            torch.maximum(rows[n - 1 - k], rows[i], out=rows[n - 1 - k])
+            rows[i], spare = spare, rows[i]
+    return rows[f:n - f]
+
+
+def _coordinate_median(values: list[torch.Tensor]) -> torch.Tensor:
+    """Per coordinate median of ``values`` (n rows); for even n ``0.5 * (a + b)``
     of the two middle values, in fp32."""
-    n = stacked.shape[0]
-    ordered = torch.sort(stacked, dim=0).values
+    n = len(values)
+    mid = _middle(values, (n - 1) // 2)
     if n % 2:
-        return ordered[n // 2].clone()
-    return (ordered[n // 2 - 1] + ordered[n // 2]).mul_(0.5)
+        return mid[0].add_(0.0)
+    return mid[0].add_(mid[1]).mul_(0.5).add_(0.0)
+
+
+def _distances(values: list[torch.Tensor], centre: torch.Tensor) -> list[float]:
+    """``||x_i - centre||`` for each row, with `_row_norms`' fixed summation order."""
+    scratch = torch.empty_like(centre)
+    return [_row_norms(torch.sub(v, centre, out=scratch).unsqueeze(0), overwrite=True)[0] for v in values]
 
 
 def _judge(c: Contributions, distances: list[float] | None, also: Iterable[str] = ()) -> list[str]:
@@ -248,11 +278,10 @@ class TrimmedMean(Reducer):
     name = "trimmed_mean"
 
     def combine(self, c: Contributions) -> Reduced:
-        stacked = c.stack()  # (n, numel)
-        n = stacked.shape[0]
+        n = len(c.values)
         f = trim_count(n)
-        value = _sum_rows(torch.sort(stacked, dim=0).values[f:n - f]).div_(n - 2 * f)
-        return Reduced(value, _judge(c, _row_norms(stacked.sub_(value), overwrite=True)))
+        value = _sum_rows(_middle(c.values, f)).div_(n - 2 * f).add_(0.0)
+        return Reduced(value, _judge(c, _distances(c.values, value)))
 
 
 @register
@@ -263,9 +292,8 @@ class Median(Reducer):
     name = "median"
 
     def combine(self, c: Contributions) -> Reduced:
-        stacked = c.stack()  # (n, numel)
-        value = _coordinate_median(stacked)
-        return Reduced(value, _judge(c, _row_norms(stacked.sub_(value), overwrite=True)))
+        value = _coordinate_median(c.values)
+        return Reduced(value, _judge(c, _distances(c.values, value)))
 
 
 @register
@@ -288,18 +316,21 @@ class CenteredClip(Reducer):
     name = "centered_clip"
 
     def combine(self, c: Contributions) -> Reduced:
-        stacked = c.stack()  # (n, numel)
-        n = stacked.shape[0]
-        v = _coordinate_median(stacked)
-        diff = stacked - v  # (n, numel)
-        distances = _row_norms(diff)
+        n = len(c.values)
+        v = _coordinate_median(c.values)
+        distances = _distances(c.values, v)
         tau = median(distances)
+        step, scratch = torch.empty_like(v), torch.empty_like(v)
         for _ in range(CLIP_ITERATIONS):
-            scale = [tau / d if d > tau else 1.0 for d in distances]  # min(1, tau / d); d = 0 keeps 1
-            diff.mul_(torch.tensor(scale, dtype=torch.float32).unsqueeze(1))
-            v = v + _sum_rows(diff).div_(n)
-            torch.sub(stacked, v, out=diff)
-            distances = _row_norms(diff)
+            # v += (1/n) sum_i (x_i - v) min(1, tau / d_i), members added in peer order; d = 0 keeps 1
+            step.zero_()
+            for x, d in zip(c.values, distances):
+                torch.sub(x, v, out=scratch)
+                if d > tau:
+                    scratch.mul_(tau / d)  # a separate product: no fused multiply-add on some CPUs only
+                step.add_(scratch)
+            v = v.add_(step.div_(n)).add_(0.0)
+            distances = _distances(c.values, v)
         return Reduced(v, _judge(c, distances))
 
 
