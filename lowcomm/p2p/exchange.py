@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from lowcomm.averaging import AverageResult, shard_bounds, unflatten
+from lowcomm.averaging.patterns import backup_reducer
 from lowcomm.averaging.reduce import Reducer
 from lowcomm.compressors import (
     Buffer, Compressor, Payload, WireFormatError, decode, decompress, decompress_into, encode_segments,
@@ -282,17 +283,18 @@ class GroupExchange:
         await apply([(j, msg, sender) for (_, j, sender), msg in means.items()])
         # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
         missing = [j for j in range(n) if j != me and not averaged[j]]
-        mine_to_back = [j for j in missing if (j + 1) % n != me]
-        sends = [self._send(group[(j + 1) % n], self._part(key, round, "bpart", j, weight, [], blobs[j]), timeout)
+        mine_to_back = [j for j in missing if backup_reducer(j, n) != me]
+        sends = [self._send(group[backup_reducer(j, n)], self._part(key, round, "bpart", j, weight, [], blobs[j]),
+                            timeout)
                  for j in mine_to_back]
-        for j in [j for j in missing if (j + 1) % n == me]:
+        for j in [j for j in missing if backup_reducer(j, n) == me]:
             sends.append(self._back_up(key, round, j, group, bounds, parts, weight, mine[j], codec, start, timeout))
         if sends:
             results = await asyncio.gather(*sends)
             bytes_sent += sum(r if isinstance(r, int) else r[0] for r in results)
             received += sum(0 if isinstance(r, int) else r[1] for r in results)
             await apply([(*r[2], self.peer_id) for r in results if not isinstance(r, int) and r[2] is not None])
-            backups = await self._collect(key, round, {("bmean", j, group[(j + 1) % n]) for j in mine_to_back},
+            backups = await self._collect(key, round, {("bmean", j, group[backup_reducer(j, n)]) for j in mine_to_back},
                                           start + 3 * timeout)
             received += sum(m["size"] for m in backups.values())
             await apply([(j, msg, sender) for (_, j, sender), msg in backups.items()])

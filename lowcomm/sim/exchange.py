@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lowcomm.averaging import AverageResult, Compression, shard_bounds, unflatten
+from lowcomm.averaging.patterns import allgather_phases, butterfly_phases
 from lowcomm.averaging.reduce import Reducer, get_reducer
 from lowcomm.compressors import Compressor, ErrorFeedback, encode, get_compressor
 
@@ -93,11 +94,11 @@ def _butterfly(group: list[Contribution], reducer: Reducer) -> list[AverageResul
     vector = torch.cat(means)
     results = []
     for i, c in enumerate(group):
-        p1 = (sum(size[i][j] for j in range(n) if j != i), sum(size[j][i] for j in range(n) if j != i))
-        p2 = ((n - 1) * mean_size[i], sum(mean_size[j] for j in range(n) if j != i))
+        phases = butterfly_phases(size, mean_size, i)
         results.append(AverageResult(
-            unflatten(vector.clone(), c.tensors), True, bytes_sent=p1[0] + p2[0], bytes_received=p1[1] + p2[1],
-            phases=[p1, p2], sent=[torch.cat(decoded[i])], outliers=sorted(outliers)))
+            unflatten(vector.clone(), c.tensors), True, bytes_sent=sum(s for s, _ in phases),
+            bytes_received=sum(r for _, r in phases), phases=phases, sent=[torch.cat(decoded[i])],
+            outliers=sorted(outliers)))
     return results
 
 
@@ -108,7 +109,7 @@ def _all_gather(group: list[Contribution], reducer: Reducer) -> list[AverageResu
     vector = reduced.value
     results = []
     for i, c in enumerate(group):
-        phase = ((n - 1) * size[i], sum(size) - size[i])
+        (phase,) = allgather_phases(size, i)
         results.append(AverageResult(unflatten(vector.clone(), c.tensors), True, bytes_sent=phase[0],
                                      bytes_received=phase[1], phases=[phase], sent=[decoded[i]],
                                      outliers=list(reduced.outliers)))

@@ -9,7 +9,7 @@ algorithm's spec (`lowcomm.optimizers.registry`).
 
 from __future__ import annotations
 
-from lowcomm.averaging import shard_bounds
+from lowcomm.averaging.patterns import allgather_phases, butterfly_phases, shard_bounds
 from lowcomm.compressors import Compressor, wire_size
 from lowcomm.optimizers.registry import SyncSchedule
 from lowcomm.sim.network import Network, WorkerClock, settle
@@ -17,15 +17,15 @@ from lowcomm.sim.network import Network, WorkerClock, settle
 
 def exchange_phases(codec: Compressor, numel: int, n: int, member: int = 0) -> list[tuple[int, int]]:
     """(bytes sent, bytes received) per phase for ``member`` of a group of ``n``
-    averaging ``numel`` values (butterfly for dense codecs, all-gather for sparse)."""
+    averaging ``numel`` values with ``codec``: the patterns of
+    `lowcomm.averaging.patterns` (butterfly for dense codecs, all-gather for
+    sparse) with every member's payloads at the codec's exact wire sizes."""
     if n < 2:
         return []
     if codec.sparse:
-        size = wire_size(codec, numel)
-        return [((n - 1) * size, (n - 1) * size)]
+        return allgather_phases([wire_size(codec, numel)] * n, member)
     sizes = [wire_size(codec, hi - lo) for lo, hi in shard_bounds(numel, n)]
-    others = sum(sizes) - sizes[member]
-    return [(others, (n - 1) * sizes[member]), ((n - 1) * sizes[member], others)]
+    return butterfly_phases([sizes] * n, sizes, member)
 
 
 def predict(schedule: SyncSchedule, step_time: float, network: Network, steps: int) -> WorkerClock:
