@@ -152,3 +152,22 @@ def test_bad_secret_files_and_allowlists(tmp_path):
     assert "holds 5 bytes; a secret needs at least 16" in line
     line = one_error_line(join(*TASK, "--allow", "alice,bob", cwd=tmp_path))
     assert "--allow" in line and "'alice' is not a peer id" in line
+
+
+def test_the_aggregator_is_a_run_setting_nodes_must_share():
+    from lowcomm.join.settings import differences, run_settings, settings_hash
+    from lowcomm.optimizers.registry import settings_for
+    from tests.sim.tinytask import task
+
+    model, s = task().make_model(0), settings_for("diloco")
+    mine = run_settings("t", "", model, s, "trimmed_mean")
+    theirs = run_settings("t", "", model, s, "mean")
+    assert settings_hash(mine) != settings_hash(theirs)
+    assert differences(mine, theirs) == ["aggregator ('trimmed_mean' here, 'mean' there)"]
+
+
+def test_a_bad_aggregator_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lowcomm", "join", "--aggregator", "best", "--checkpoint-dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and "--aggregator" in r.stderr and "trimmed_mean" in r.stderr
