@@ -57,12 +57,11 @@ class OuterConfig:
 
     def outer_options(self) -> dict[str, Any]:
         """The outer settings given, as constructor arguments (None: the algorithm's default)."""
-        given = {"sync_every": self.sync_every or None, "outer_lr": self.outer_lr or None,
-                 "outer_momentum": None if self.outer_momentum < 0 else self.outer_momentum,
-                 "compressor": self.compressor or None, "error_feedback": self.error_feedback or None,
-                 "group_size": self.group_size or None, "fragments": self.fragments or None,
-                 "delay": None if self.delay < 0 else self.delay, "alpha": None if self.alpha < 0 else self.alpha}
-        return given
+        return {"sync_every": self.sync_every or None, "outer_lr": self.outer_lr or None,
+                "outer_momentum": None if self.outer_momentum < 0 else self.outer_momentum,
+                "compressor": self.compressor or None, "error_feedback": self.error_feedback or None,
+                "group_size": self.group_size or None, "fragments": self.fragments or None,
+                "delay": None if self.delay < 0 else self.delay, "alpha": None if self.alpha < 0 else self.alpha}
 
     def check_taken(self, algorithm: str) -> None:
         """A `ConfigError` for a flag set here that ``algorithm`` does not take

@@ -140,19 +140,14 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
 def weighted_mean(parts: Iterable[tuple[float, torch.Tensor]]) -> torch.Tensor:
     """``sum_i w_i v_i / sum_i w_i`` in fp32, accumulated in the order given
     (the weights of those present are renormalised). Callers give the members in
-    sorted peer-id order (`by_peer`), so every member sums alike, bit for bit."""
+    sorted peer-id order (`lowcomm.averaging.reduce`), so every member sums alike,
+    bit for bit."""
     parts = list(parts)
     total = sum(w for w, _ in parts)
     acc = torch.zeros_like(parts[0][1], dtype=torch.float32)
     for w, v in parts:
         acc.add_(v, alpha=w / total)
     return acc
-
-
-def by_peer(parts: dict[str, tuple[float, torch.Tensor]]) -> list[tuple[float, torch.Tensor]]:
-    """The (weight, values) of ``parts`` (peer id -> contribution) in sorted peer-id
-    order: the one order every member of a group reduces in."""
-    return [parts[peer] for peer in sorted(parts)]
 
 
 def shard_bounds(numel: int, parts: int) -> list[tuple[int, int]]:

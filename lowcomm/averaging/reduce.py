@@ -36,7 +36,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from statistics import median
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Sequence
 
 import torch
 
@@ -78,10 +78,6 @@ class Contributions:
     values: list[torch.Tensor]
     capped: list[str]
 
-    def stack(self) -> torch.Tensor:
-        """The values as one (n, numel) tensor, a row per member in peer order."""
-        return torch.stack(self.values)
-
     def replace(self, values: list[torch.Tensor]) -> Contributions:
         return Contributions(self.peers, self.weights, values, self.capped)
 
@@ -116,8 +112,8 @@ def contributions(parts: dict[str, tuple[float, torch.Tensor]]) -> Contributions
     return Contributions(peers, [min(w, cap) for w in weights], values, capped)
 
 
-def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Sum of the rows of ``rows`` (n, numel), added one after another in row order."""
+def _sum_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of ``rows`` (tensors of one shape), added one after another in order."""
     acc = rows[0].clone()
     for row in rows[1:]:
         acc.add_(row)
