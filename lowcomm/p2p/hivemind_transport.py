@@ -1,7 +1,10 @@
 """`HivemindTransport`: go-libp2p (hivemind's ``p2pd`` daemon) and hivemind's DHT.
 
 One ``p2pd`` process per node, started by `hivemind.p2p.P2P` and stopped
-with the transport. Membership records live in a `hivemind.dht.DHTNode` run
+with the transport. The daemon runs in a session of its own: a Ctrl+C in a
+terminal (or a SIGTERM to the node's process group) reaches the node only,
+which then leaves the swarm and stops its daemon in order, rather than the
+daemon dying under the node mid-shutdown. Membership records live in a `hivemind.dht.DHTNode` run
 on the swarm's own event loop (no forked DHT process). Requests are binary
 streams: an 8-byte big-endian length, then the bytes, each way.
 
@@ -12,6 +15,7 @@ with py-libp2p.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import subprocess
 import sys
@@ -79,6 +83,10 @@ class HivemindTransport:
         self._addrs: list[str] = []
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # hivemind starts p2pd with asyncio's create_subprocess_exec, which goes through
+        # this loop: for that call only, every child starts in a session of its own
+        loop.subprocess_exec = functools.partial(loop.subprocess_exec, start_new_session=True)
         try:
             self.p2p = await P2P.create(initial_peers=self.initial_peers or None, host_maddrs=self.listen,
                                         announce_maddrs=self.announce or None, identity_path=self.identity_path)
@@ -86,10 +94,13 @@ class HivemindTransport:
             if "bootstrap" in str(e):
                 raise BootstrapFailed(f"could not reach {', '.join(self.initial_peers)}") from None
             raise TransportError(f"could not start the p2p daemon: {e}") from None
+        finally:
+            del loop.subprocess_exec  # the loop's own method again
         self.peer_id = str(self.p2p.peer_id)
         self._addrs = [str(a) for a in await self.p2p.get_visible_maddrs()]
         child = getattr(self.p2p, "_child", None)
-        self._guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(child.pid)]) if child else None
+        self._guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(child.pid)],
+                                       start_new_session=True) if child else None
         try:
             # a bootstrap peer that is reachable but runs no hivemind DHT (a py-libp2p node) is
             # tolerated: streams to it still work, only membership records stay local

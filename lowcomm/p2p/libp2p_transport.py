@@ -48,6 +48,9 @@ from lowcomm.p2p.transport import (
 )
 
 log = logging.getLogger("lowcomm.p2p.libp2p")
+# py-libp2p logs at ERROR what it also raises (a dial to a peer that left, a stream
+# reset); the swarm reports those in its own words, so its lines would only repeat them
+logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 _LEN = 8
 PROTOCOL_KV = "/lowcomm/kv/1"
 
