@@ -143,6 +143,10 @@ class SimulateConfig(OuterConfig):
     bandwidth: str = opt("100Mbit", "Per-worker link bandwidth each way, e.g. 100Mbit, 1Gbit, 12.5MB/s.")
     latency: str = opt("50ms", "Latency per message hop, e.g. 50ms.")
     step_time: str = opt("auto", "Compute time of one inner step, e.g. 200ms; 'auto' measures it here on one core.")
+    backward_share: str = opt("auto", "Share of a step's compute that is the backward pass, during which ddp's "
+                              "bucketed gradient all-reduce already runs (as torch DDP's does), in [0, 1]; 'auto' "
+                              "measures it with the step time, or takes 2/3 (backward = twice forward's FLOPs) when "
+                              "--step-time is given.")
     eval_every: int = opt(50, "Inner steps between evaluations of the held-out loss.")
     seed: int = opt(0, "Seed for weights, data order and group draws.")
     task: str = opt("tinylm", "Task: tinylm, codeclass, terrain, or module:function returning a lowcomm.tasks.Task.")
@@ -161,6 +165,9 @@ class PlanConfig(OuterConfig):
 
     params: str = opt("100M", "Model parameter count, e.g. 125M, 1.3B, 350000.")
     step_time: str = opt("1s", "Compute time of one inner step on one worker, e.g. 800ms.")
+    backward_share: str = opt("auto", "Share of a step's compute that is the backward pass, during which ddp's "
+                              "bucketed gradient all-reduce already runs (as torch DDP's does), in [0, 1]; 'auto': 2/3 "
+                              "(backward = twice forward's FLOPs).")
     workers: int = opt(4, "Number of workers.")
     bandwidth: str = opt("100Mbit", "Per-worker link bandwidth each way, e.g. 100Mbit, 1Gbit.")
     latency: str = opt("50ms", "Latency per message hop.")

@@ -64,7 +64,9 @@ class Settings:
 class SyncSchedule:
     """When one worker exchanges what: every ``every`` inner steps, fragment i
     (``numels[i]`` values) is sent at step offset ``offsets[i]`` and its mean is
-    needed ``delay`` steps later, in groups of ``group`` through ``compressor``."""
+    needed ``delay`` steps later, in groups of ``group`` through ``compressor``.
+    ``overlap_backward``: the exchange is DDP's gradient all-reduce, which runs
+    bucket by bucket during the backward pass (`lowcomm.sim.overlap`)."""
 
     every: int
     numels: list[int]
@@ -72,6 +74,7 @@ class SyncSchedule:
     delay: int
     group: int
     compressor: Compressor
+    overlap_backward: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ class AlgorithmSpec:
     ``sync_every``: H of command-line runs (None: exchanges every step);
     ``copies``: parameter-sized tensors per exchange (NoLoCo sends phi and
     theta - phi); ``codec``: the codec on the wire for given constructor
-    arguments (default: the ``compressor`` argument by name).
+    arguments (default: the ``compressor`` argument by name);
+    ``overlaps_backward``: its every-step exchange is torch DDP's bucketed
+    gradient all-reduce, which starts during the backward pass.
     """
 
     name: str
@@ -95,6 +100,7 @@ class AlgorithmSpec:
     sync_every: int | None = None
     copies: int = 1
     codec: Callable[[dict], Compressor] | None = None
+    overlaps_backward: bool = False
 
     @property
     def periodic(self) -> bool:
@@ -137,7 +143,7 @@ class AlgorithmSpec:
         group = min(workers, s.group_size or workers)
         codec = self.codec(s.options) if self.codec else get_compressor(s.compressor)
         if self.sync_every is None:
-            return SyncSchedule(1, [params], [0], 0, group, codec)
+            return SyncSchedule(1, [params], [0], 0, group, codec, overlap_backward=self.overlaps_backward)
         numels = fragment_numels or [hi - lo for lo, hi in shard_bounds(params * self.copies, s.fragments)]
         offsets = [p * s.sync_every // len(numels) for p in range(len(numels))]
         return SyncSchedule(s.sync_every, numels, offsets, s.delay, group, codec)
@@ -158,10 +164,13 @@ def _constructor_defaults(cls: type) -> dict[str, Any]:
 _OUTER = ("outer_lr", "outer_momentum", "compressor", "error_feedback", "group_size")
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in (
-    AlgorithmSpec("ddp", "data-parallel baseline: fp32 gradient mean every step", DataParallel),
+    AlgorithmSpec("ddp", "data-parallel baseline: fp32 gradient mean every step", DataParallel,
+                  overlaps_backward=True),
     # DGC's local accumulation and factor masking with the momentum left to the inner optimizer (AdamW's
     # beta1): a correction momentum of its own on top stacks two (terrain: 0.058 against 0.027, codeclass
-    # 1.407 against 1.394; docs/results.md)
+    # 1.407 against 1.394; docs/results.md).
+    # Unlike ddp's, its exchange does not overlap the backward pass: the accumulation and top-k run over the
+    # whole flat gradient after it, in chunks that cross parameters, so no bucket could leave earlier.
     AlgorithmSpec("dgc", "compressed data-parallel: top-k gradients accumulated locally (Deep Gradient "
                   "Compression)", CompressedDataParallel, ("compressor",),
                   fixed={"compressor": "topk", "momentum_correction": True, "momentum": 0.0}),

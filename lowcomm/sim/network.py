@@ -13,6 +13,11 @@ that needs a result before it arrives waits: the clock jumps to the arrival,
 and the wait is counted as stall. Exchanges of different workers do not slow
 each other (no shared bottleneck). Given the same sends, the same clocks
 follow, whatever the thread timing.
+
+An exchange may instead run as a sequence of transfers, one after another on
+the worker's link, each with a ready time of its own (`NetworkModel.pipeline`):
+DDP's gradient buckets, all-reduced while the backward pass still runs
+(`lowcomm.sim.overlap`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,20 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from lowcomm.averaging import AverageResult
+from lowcomm.averaging.patterns import Phase, allgather_phases, butterfly_phases, shard_bounds
+from lowcomm.compressors import Compressor, wire_size
 
 _BANDWIDTH_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9,
                     "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
                     "b/s": 8, "kb/s": 8e3, "mb/s": 8e6, "gb/s": 8e9}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "": 1.0}
+
+
+#: One transfer of an exchange that runs as a sequence: (ready at, in seconds; its phases).
+Transfer = tuple[float, list[Phase]]
 
 
 class NetworkSpecError(ValueError):
@@ -65,7 +77,7 @@ class Network:
     bandwidth: float
     latency: float
 
-    def transfer_time(self, phases: list[tuple[int, int]]) -> float:
+    def transfer_time(self, phases: list[Phase]) -> float:
         """Seconds for an exchange given (bytes sent, bytes received) per phase."""
         return sum(max(sent, received) * 8 / self.bandwidth + self.latency for sent, received in phases)
 
@@ -85,13 +97,27 @@ class WorkerClock:
         return self.compute / self.now if self.now > 0 else 1.0
 
 
-def settle(clock: WorkerClock, network: Network, ready: float, phases: list[tuple[int, int]],
-           bytes_sent: int) -> float:
-    """An exchange whose parts were all sent by ``ready`` is needed now: it
-    starts when the link is free too, and the clock waits for its arrival.
-    Returns the stall in seconds."""
-    start = max(ready, clock.link_free)
-    arrival = start + network.transfer_time(phases)
+def exchange_phases(codec: Compressor, numel: int, n: int, member: int = 0) -> list[Phase]:
+    """(bytes sent, bytes received) per phase for ``member`` of a group of ``n``
+    averaging ``numel`` values with ``codec``: the patterns of
+    `lowcomm.averaging.patterns` (butterfly for dense codecs, all-gather for
+    sparse) with every member's payloads at the codec's exact wire sizes."""
+    if n < 2:
+        return []
+    if codec.sparse:
+        return allgather_phases([wire_size(codec, numel)] * n, member)
+    sizes = [wire_size(codec, hi - lo) for lo, hi in shard_bounds(numel, n)]
+    return butterfly_phases([sizes] * n, sizes, member)
+
+
+def settle(clock: WorkerClock, network: Network, transfers: list[Transfer], bytes_sent: int) -> float:
+    """An exchange is needed now. Its transfers run one after another on the
+    worker's link, each once its parts were all sent (its ready time) and the
+    link is free; the clock waits for the last arrival. A plain exchange is one
+    transfer, ready when every member has sent. Returns the stall in seconds."""
+    arrival = clock.link_free
+    for ready, phases in transfers:
+        arrival = max(ready, arrival) + network.transfer_time(phases)
     clock.link_free = arrival
     clock.peak_exchange_bytes = max(clock.peak_exchange_bytes, bytes_sent)
     wait = max(0.0, arrival - clock.now)
@@ -107,7 +133,16 @@ class NetworkModel:
         self.network = network
         self.clocks = {p: WorkerClock() for p in peer_ids}
         self._sends: dict[tuple[str, int, str], float] = {}
+        self._pipelines: dict[str, Callable[[float, int], list[Transfer]]] = {}
         self._lock = threading.Lock()
+
+    def pipeline(self, key: str, transfers: Callable[[float, int], list[Transfer]]) -> None:
+        """Exchanges under ``key`` run as the sequence ``transfers(ready, n)``
+        gives for a group of ``n`` whose members had all sent by ``ready``
+        (DDP's buckets: `lowcomm.sim.overlap.BucketedAllReduce.transfers`),
+        instead of as one transfer of the result's phases. Bytes counted are
+        the result's either way."""
+        self._pipelines[key] = transfers
 
     def compute(self, peer: str, seconds: float) -> None:
         """``peer`` spent ``seconds`` computing."""
@@ -126,7 +161,9 @@ class NetworkModel:
             return 0.0
         with self._lock:
             ready = max(self._sends[(key, round, p)] for p in result.participants)
-        return settle(self.clocks[peer], self.network, ready, result.phases, result.bytes_sent)
+        pipeline = self._pipelines.get(key)
+        transfers = pipeline(ready, len(result.participants)) if pipeline else [(ready, result.phases)]
+        return settle(self.clocks[peer], self.network, transfers, result.bytes_sent)
 
     def wrap(self, averager, peer: str | None = None) -> TimedAverager:
         return TimedAverager(averager, self, peer or averager.peer_id)

@@ -11,16 +11,19 @@ from lowcomm.config import ConfigError, OuterConfig, PlanConfig, SimulateConfig,
 from lowcomm.sim import plan
 from lowcomm.sim.network import NetworkSpecError, format_bandwidth, parse_duration
 from lowcomm.optimizers.registry import get_algorithm
-from lowcomm.sim.simulate import network_of, note_ignored, validate
+from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE
+from lowcomm.sim.simulate import backward_share_given, network_of, note_ignored, validate
 
 
 def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
     params = parse_count("--params", cfg.params)
     shared = SimulateConfig(**{f.name: getattr(cfg, f.name) for f in fields(OuterConfig)}, workers=cfg.workers,
                             algorithms=cfg.algorithms, bandwidth=cfg.bandwidth, latency=cfg.latency,
-                            step_time=cfg.step_time)
+                            step_time=cfg.step_time, backward_share=cfg.backward_share)
     validate(shared)
     network = network_of(shared)
+    share = backward_share_given(cfg.backward_share)
+    backward_share = DEFAULT_BACKWARD_SHARE if share is None else share
     try:
         step_time = parse_duration(cfg.step_time)
     except NetworkSpecError as e:
@@ -29,8 +32,8 @@ def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
         raise ConfigError("--steps", "must be >= 0")
     rows = []
     table = Table("algorithm", "H", "codec", "bytes sent / exchange", "exchange time", "compute utilisation",
-                  "bandwidth for 95%", title=f"{params:,} parameters, {cfg.workers} workers, step {cfg.step_time}, "
-                                               f"{cfg.bandwidth} / {cfg.latency}")
+                  "bandwidth for 95%", title=f"{params:,} parameters, {cfg.workers} workers, step {cfg.step_time} "
+                                               f"(backward {backward_share:.0%}), {cfg.bandwidth} / {cfg.latency}")
     for alg in cfg.algorithm_list():
         spec = get_algorithm(alg)
         note_ignored(spec, cfg.outer_options(), console)
@@ -40,8 +43,8 @@ def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
                                          f"H={s.sync_every}, P={s.fragments}, delay={s.delay}")
         sched = spec.schedule(s, params, cfg.workers)
         steps = cfg.steps or 20 * sched.every
-        clock = plan.predict(sched, step_time, network, steps)
-        need = plan.bandwidth_for(sched, step_time, network.latency, steps)
+        clock = plan.predict(sched, step_time, network, steps, backward_share)
+        need = plan.bandwidth_for(sched, step_time, network.latency, steps, backward_share=backward_share)
         codec = sched.compressor
         phases = plan.exchange_phases(codec, sched.numels[0], sched.group)
         one = sum(sent for sent, _ in phases)

@@ -10,7 +10,7 @@ from pathlib import Path
 #: Fields that depend on the measured step time (differ between runs when
 #: ``--step-time auto``); everything else is identical for the same command.
 MEASURED_FIELDS = ("virtual_time_s", "compute_utilization", "predicted_wall_clock_s", "stall_s",
-                   "bandwidth_for_95pct_bps", "step_time_s", "eval_loss_at_ddp_wall_clock",
+                   "bandwidth_for_95pct_bps", "step_time_s", "backward_share", "eval_loss_at_ddp_wall_clock",
                    "ddp_eval_loss_at_this_wall_clock")
 
 

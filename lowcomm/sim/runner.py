@@ -21,8 +21,10 @@ from lowcomm.config import ConfigError, SimulateConfig
 from lowcomm.optimizers import DiLoCo
 from lowcomm.optimizers.registry import Settings, build_optimizer, get_algorithm
 from lowcomm.sim.network import Network, NetworkModel
+from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BucketedAllReduce, bucket_numels
 from lowcomm.sim.swarm import LocalSwarm
 from lowcomm.tasks import Task
+
 
 def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
     """Multiplier of the inner learning rate at a step: "constant", or "cosine"
@@ -40,19 +42,27 @@ def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
     return cosine
 
 
-def measure_step_time(task: Task, seed: int, lr: float, steps: int = 8) -> float:
-    """Median thread CPU seconds of one inner step (forward, backward, AdamW) on one core."""
+def measure_step_time(task: Task, seed: int, lr: float, steps: int = 8) -> tuple[float, float]:
+    """(seconds, backward share) of one inner step on one core: the median
+    thread CPU seconds of a whole step (batch, forward and loss, backward,
+    AdamW step), and the median share of it the backward pass took (timed
+    separately on the same steps; the first two steps are warm-up)."""
     model = task.make_model(seed)
     opt = task.make_inner(model, lr)
     data = task.batches(0, 1, seed)
-    times = []
+    totals, shares = [], []
     for _ in range(steps):
         t0 = time.thread_time()
-        task.loss(model, next(data)).backward()
+        loss = task.loss(model, next(data))
+        t1 = time.thread_time()
+        loss.backward()
+        t2 = time.thread_time()
         opt.step()
         opt.zero_grad()
-        times.append(time.thread_time() - t0)
-    return median(times[2:])
+        total = time.thread_time() - t0
+        totals.append(total)
+        shares.append((t2 - t1) / total if total > 0 else 0.0)
+    return median(totals[2:]), median(shares[2:])
 
 
 @dataclass
@@ -77,19 +87,25 @@ class AlgorithmRun:
     records: list[Record] = field(default_factory=list)
     clocks: list = field(default_factory=list)
     fragment_numels: list[int] = field(default_factory=list)
+    param_numels: list[int] = field(default_factory=list)  # values per parameter, model order
     params: int = 0
 
 
 def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: int, step_time: float,
                   network: Network, on_step: Callable[[int], None] | None = None,
-                  on_round: Callable[[str], None] | None = None) -> AlgorithmRun:
-    """Train ``settings.algorithm`` for ``steps`` inner steps on every worker."""
+                  on_round: Callable[[str], None] | None = None,
+                  backward_share: float = DEFAULT_BACKWARD_SHARE) -> AlgorithmRun:
+    """Train ``settings.algorithm`` for ``steps`` inner steps on every worker.
+    ``backward_share``: the share of each ``step_time`` that is the backward
+    pass, during which ddp already all-reduces its gradient buckets
+    (`lowcomm.sim.overlap`)."""
     n = cfg.workers
     swarm = LocalSwarm(n, seed=cfg.seed, run_id=settings.algorithm, aggregator=cfg.aggregator)
     net = NetworkModel(network, [swarm.peer_id(r) for r in range(n)])
     lr = cfg.lr or task.default_lr
     points = sorted({0, steps, *range(cfg.eval_every, steps, cfg.eval_every)})
     out = AlgorithmRun(settings)
+    spec = get_algorithm(settings.algorithm)
 
     def worker(rank: int, averager) -> list[tuple]:
         model = task.make_model(cfg.seed)
@@ -100,7 +116,13 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
         except ValueError as e:
             raise ConfigError(f"--{settings.algorithm}", str(e)) from None
         if rank == 0:
-            out.params = sum(p.numel() for p in model.parameters())
+            out.param_numels = [p.numel() for p in model.parameters()]
+            out.params = sum(out.param_numels)
+            if spec.overlaps_backward:
+                # before rank 0's first exchange, so before any exchange completes. A worker hands its gradients
+                # over once the step's compute is counted: there its backward pass ends (lowcomm.sim.overlap).
+                allreduce = BucketedAllReduce(bucket_numels(out.param_numels), backward_share * step_time)
+                net.pipeline(spec.cls.key, allreduce.transfers)
             if isinstance(opt, DiLoCo):
                 out.fragment_numels = [sum(t.numel() for t in phi) for phi in opt.phi]
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, steps))
@@ -121,7 +143,7 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
             if step in points:
                 rows.append((step, task.evaluate(model), train_loss, opt.stats.bytes_sent, opt.stats.bytes_received,
                              opt.stats.outer_rounds, clock.now, clock.utilization))
-            if rank == 0 and on_round and get_algorithm(settings.algorithm).periodic and opt.stats.outer_rounds > rounds_seen:
+            if rank == 0 and on_round and spec.periodic and opt.stats.outer_rounds > rounds_seen:
                 rounds_seen = opt.stats.outer_rounds
                 on_round(f"{settings.algorithm:>9} round {rounds_seen:3d}  step {step:5d}  train loss {train_loss:.4f}  "
                          f"sent {opt.stats.bytes_sent / 1e6:8.3f} MB  group {opt.stats.last_group_size}  "

@@ -24,6 +24,7 @@ from rich.table import Table
 from lowcomm.config import ConfigError, SimulateConfig, check_aggregator
 from lowcomm.sim import plan, report
 from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
+from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BackwardShareError, parse_backward_share
 from lowcomm.optimizers.registry import get_algorithm, settings_for
 from lowcomm.sim.runner import measure_step_time, run_algorithm
 from lowcomm.tasks.base import TaskError, check_shards, load_task
@@ -45,6 +46,15 @@ def validate(cfg: SimulateConfig) -> None:
     cfg.check_outer()
     check_aggregator(cfg.aggregator)
     cfg.algorithm_list()
+    backward_share_given(cfg.backward_share)
+
+
+def backward_share_given(text: str) -> float | None:
+    """``--backward-share`` as a number, or None for 'auto'."""
+    try:
+        return parse_backward_share(text)
+    except BackwardShareError as e:
+        raise ConfigError("--backward-share", str(e)) from None
 
 
 def note_ignored(spec, given: dict, console: Console) -> None:
@@ -68,17 +78,22 @@ def network_of(cfg: SimulateConfig) -> Network:
     return Network(bandwidth, latency)
 
 
-def step_time_of(cfg: SimulateConfig, task, lr: float) -> tuple[float, bool]:
-    """(seconds per inner step, whether it was measured)."""
+def step_time_of(cfg: SimulateConfig, task, lr: float) -> tuple[float, bool, float, bool]:
+    """(seconds per inner step, whether they were measured, the backward pass's
+    share of them, whether it was measured). With ``--step-time auto`` both are
+    measured (the share unless given); with a step time given, the share is
+    the one given or `DEFAULT_BACKWARD_SHARE`."""
+    share = backward_share_given(cfg.backward_share)
     if cfg.step_time == "auto":
-        return measure_step_time(task, cfg.seed, lr), True
+        seconds, measured_share = measure_step_time(task, cfg.seed, lr)
+        return seconds, True, measured_share if share is None else share, share is None
     try:
         value = parse_duration(cfg.step_time)
     except NetworkSpecError as e:
         raise ConfigError("--step-time", f"{e}; or 'auto'") from None
     if value <= 0:
         raise ConfigError("--step-time", "must be positive")
-    return value, False
+    return value, False, DEFAULT_BACKWARD_SHARE if share is None else share, False
 
 
 def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
@@ -107,12 +122,13 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        step_time, measured = step_time_of(cfg, task, lr)
+        step_time, measured, backward_share, share_measured = step_time_of(cfg, task, lr)
         run_dir = Path(cfg.out) / (cfg.name or f"simulate-{cfg.seed}")
         run_dir.mkdir(parents=True, exist_ok=True)
+        step_note = (f"step time {step_time * 1e3:.1f} ms{' (measured)' if measured else ''}, "
+                     f"backward {backward_share:.0%} of it{' (measured)' if share_measured else ''}")
         console.print(f"[bold]lowcomm simulate[/]: task {task.name}, {cfg.workers} workers, {steps} steps each, "
-                      f"{cfg.bandwidth} / {cfg.latency} links, step time {step_time * 1e3:.1f} ms"
-                      f"{' (measured)' if measured else ''} -> {run_dir}")
+                      f"{cfg.bandwidth} / {cfg.latency} links, {step_note} -> {run_dir}")
         runs, started = [], time.time()
         with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, disable=not cfg.progress) as bar:
@@ -120,7 +136,8 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
                 job = bar.add_task(s.algorithm, total=steps * cfg.workers)
                 runs.append(run_algorithm(cfg, task, s, steps, step_time, network,
                                           on_step=lambda k, job=job: bar.advance(job, k),
-                                          on_round=lambda line: bar.console.print(line)))
+                                          on_round=lambda line: bar.console.print(line),
+                                          backward_share=backward_share))
     finally:
         torch.set_num_threads(threads)
 
@@ -128,9 +145,11 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     for run in runs:
         s = run.settings
         sched = get_algorithm(s.algorithm).schedule(s, run.params, cfg.workers, run.fragment_numels or None)
-        bandwidth_95[s.algorithm] = plan.bandwidth_for(sched, step_time, network.latency, steps)
+        bandwidth_95[s.algorithm] = plan.bandwidth_for(sched, step_time, network.latency, steps,
+                                                       backward_share=backward_share, param_numels=run.param_numels)
     summary = report.summarize(runs, bandwidth_95)
     config = {"simulate": asdict(cfg), "steps": steps, "step_time_s": step_time, "step_time_measured": measured,
+              "backward_share": backward_share, "backward_share_measured": share_measured,
               "bandwidth_bps": network.bandwidth, "latency_s": network.latency, "task": task.name,
               "measured_time_fields": list(report.MEASURED_FIELDS)}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -139,8 +158,7 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     context = [f"# lowcomm simulate: {run_dir.name}", "",
                f"{datetime.date.today()} · {platform.machine()} · torch {torch.__version__} · task {task.name} · "
                f"{cfg.workers} workers · {steps} steps each · {cfg.bandwidth}, {cfg.latency} · "
-               f"step time {step_time * 1e3:.1f} ms{' (measured)' if measured else ''} · "
-               f"{time.time() - started:.0f} s to run"]
+               f"{step_note} · {time.time() - started:.0f} s to run"]
     report.write_markdown(run_dir / "summary.md", summary, context)
     report.plot(run_dir / "loss.png", runs)
 

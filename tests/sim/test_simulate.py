@@ -80,6 +80,38 @@ def test_plan_agrees_with_simulate(tmp_path):
         assert predicted == pytest.approx(entry["compute_utilization"], rel=2e-3), alg
 
 
+def test_ddp_overlap_plan_agrees_with_simulate_and_changes_only_time(tmp_path):
+    """ddp on a model of two buckets: the simulator's clocks are plan's and
+    `ddp_step_time`'s; overlapping the backward pass moves no byte and no loss."""
+    from lowcomm.sim.overlap import bucket_numels, ddp_step_time
+    from tests.sim.tinytask import wide
+
+    numels = [p.numel() for p in wide().make_model(0).parameters()]
+    assert len(bucket_numels(numels)) == 2
+    net = Network(2e9, 1e-3)
+    out = {}
+    for share in ("0.8", "0"):
+        cfg = SimulateConfig(task="tests.sim.tinytask:wide", algorithms="ddp", steps=30, eval_every=30, workers=4,
+                             step_time="20ms", backward_share=share, bandwidth="2Gbit", latency="1ms",
+                             out=str(tmp_path), name=f"share{share}", progress=False)
+        run_dir = simulate(cfg, Console(file=open(os.devnull, "w")))
+        out[share] = json.loads((run_dir / "summary.json").read_text())["ddp"]
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["backward_share"] == float(share) and config["backward_share_measured"] is False
+        sched = get_algorithm("ddp").schedule(settings_for("ddp"), sum(numels), 4)
+        clock = plan.predict(sched, 0.02, net, 30, float(share), numels)
+        assert out[share]["compute_utilization"] == pytest.approx(clock.utilization, rel=1e-9)
+        assert out[share]["predicted_wall_clock_s"] == pytest.approx(clock.now, rel=1e-9)
+        wall, _ = ddp_step_time(numels, 0.02, float(share), net, 4)
+        assert out[share]["predicted_wall_clock_s"] == pytest.approx(30 * wall, rel=1e-9)
+    overlapped, after = out["0.8"], out["0"]
+    for key in ("final_eval_loss", "bytes_sent_per_worker", "bytes_received_per_worker", "peak_exchange_bytes"):
+        assert overlapped[key] == after[key], key
+    # the first bucket's all-reduce (8.3 ms) starts 8.1 ms before the backward pass ends
+    assert overlapped["stall_s"] < 0.6 * after["stall_s"]
+    assert overlapped["compute_utilization"] > after["compute_utilization"]
+
+
 def test_plan_prints_a_table():
     r = cli("plan", "--params", "125M", "--step-time", "500ms", "--workers", "8", "--bandwidth", "1Gbit")
     assert r.returncode == 0, r.stderr
@@ -95,6 +127,7 @@ def test_plan_prints_a_table():
     (["--task", "no_such_module_xyz:make"], "--task"),
     (["--task", "tests.sim.tinytask:broken"], "--task"),
     (["--step-time", "soon"], "--step-time"),
+    (["--backward-share", "1.5"], "--backward-share"),
     (["--sync-every", "10", "--fragments", "3"], "--streaming"),
 ])
 def test_bad_input_is_one_line_exit_2(args, flag):

@@ -6,9 +6,11 @@ from torch import nn
 from lowcomm.tasks import Task
 
 
-def task(hidden: int = 16) -> Task:
+def task(hidden: int = 16, depth: int = 0) -> Task:
+    """``depth`` more hidden-to-hidden layers make the model larger (`wide`)."""
     def make_model(seed):
-        model = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        inner = [m for _ in range(depth) for m in (nn.Linear(hidden, hidden), nn.Tanh())]
+        model = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), *inner, nn.Linear(hidden, 1))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
@@ -39,6 +41,12 @@ def task(hidden: int = 16) -> Task:
         return torch.optim.AdamW(model.parameters(), lr=lr)
 
     return Task("tiny", make_model, batches, loss, evaluate, make_inner, tokens_per_batch=32, default_lr=1e-2)
+
+
+def wide() -> Task:
+    """530,433 parameters, 2.1 MB of fp32 gradients: two DDP buckets, 263,169 values (the last two layers,
+    past 1 MiB) then 267,264."""
+    return task(hidden=512, depth=2)
 
 
 def broken():
