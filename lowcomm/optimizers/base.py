@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
+from abc import ABCMeta, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Iterable, Union
 
 import torch
 
-from lowcomm.averaging import AverageResult, Averager, Compression
+from lowcomm.averaging import AverageHandle, AverageResult, Averager, Compression
 from lowcomm.compressors import Compressor, ErrorFeedback, get_compressor
 
 #: Parameters as ``model.parameters()`` or ``model.named_parameters()``.
@@ -17,7 +19,8 @@ Params = Iterable[Union[torch.Tensor, tuple[str, torch.Tensor]]]
 
 @dataclass
 class Stats:
-    """Counters an outer optimizer keeps (bytes are wire bytes, both directions)."""
+    """Counters an outer optimizer keeps (bytes are wire bytes, both directions;
+    ``wait_s``: seconds the caller was blocked waiting for averaging results)."""
 
     inner_steps: int = 0
     outer_rounds: int = 0
@@ -26,6 +29,7 @@ class Stats:
     bytes_received: int = 0
     last_group_size: int = 0
     momentum_restarts: int = 0
+    wait_s: float = 0.0
 
     def record(self, result: AverageResult) -> None:
         self.outer_rounds += 1
@@ -58,9 +62,16 @@ def make_compression(compressor: str | Compressor | None, error_feedback: bool) 
     return codec
 
 
-class OuterOptimizer(torch.optim.Optimizer):
+class OuterOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     """Base of the outer optimizers: an `Optimizer` whose ``param_groups`` are
-    the inner optimizer's (so torch LR schedulers on either keep working)."""
+    the inner optimizer's (so torch LR schedulers on either keep working).
+
+    Subclasses set ``compression`` (what `Averager.average` gets as
+    ``compressor``) and ``step_count``, and say what their global weights
+    (`global_params`) and round (`swarm_round`) are."""
+
+    #: The codec of outer payloads on the wire, possibly in `ErrorFeedback`; None: fp32.
+    compression: Compression
 
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager):
         self.named = named_params(params)
@@ -78,8 +89,34 @@ class OuterOptimizer(torch.optim.Optimizer):
     def params(self) -> list[torch.Tensor]:
         return [t for _, t in self.named]
 
+    @property
+    @abstractmethod
+    def global_params(self) -> list[torch.Tensor]:
+        """The global (outer) weights as one flat list of tensors (read-only: a view
+        of the optimizer's own state, not a copy)."""
+
+    @property
+    @abstractmethod
+    def swarm_round(self) -> int:
+        """Rounds this optimizer has started, counted so that every node of a swarm
+        that is in step has the same number (after a catch-up too)."""
+
+    @property
+    def codec(self) -> Compressor | None:
+        """The codec outer payloads travel in (without its error feedback), or None for fp32."""
+        c = self.compression
+        return c.compressor if isinstance(c, ErrorFeedback) else c
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
+
+    def _wait(self, handle: AverageHandle, timeout: float | None) -> AverageResult:
+        """``handle.result(timeout)``, the seconds it blocked added to ``stats.wait_s``."""
+        t0 = time.monotonic()
+        try:
+            return handle.result(timeout)
+        finally:
+            self.stats.wait_s += time.monotonic() - t0
 
     def _inner_step(self, closure=None):
         """Step the inner optimizer (with gradients enabled for ``closure``) and count it."""
@@ -97,15 +134,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def _codec(self) -> Compressor | None:
-        c = self.compression
-        return c.compressor if isinstance(c, ErrorFeedback) else c
-
     def _base_state(self) -> dict:
         """Inner optimizer, stats, error-feedback residuals and the codec's own state
         (``self.compression``)."""
         ef = self.compression.state_dict() if isinstance(self.compression, ErrorFeedback) else None
-        codec = self._codec().state_dict() if self._codec() is not None else {}
+        codec = self.codec.state_dict() if self.codec is not None else {}
         return {"inner": self.inner.state_dict(), "stats": asdict(self.stats), "error_feedback": ef,
                 "codec": codec}
 
@@ -114,8 +147,8 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.stats = Stats(**state["stats"])
         if isinstance(self.compression, ErrorFeedback):
             self.compression.load_state_dict(state["error_feedback"] or {})
-        if self._codec() is not None:
-            self._codec().load_state_dict(state.get("codec") or {})  # states saved before codecs had one: none
+        if self.codec is not None:
+            self.codec.load_state_dict(state.get("codec") or {})  # states saved before codecs had one: none
 
 
 def _block_of(name: str) -> str | None:

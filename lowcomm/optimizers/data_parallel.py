@@ -31,13 +31,23 @@ class DataParallel(OuterOptimizer):
         self.compression = make_compression(compressor, error_feedback)
         self.step_count = 0
 
+    @property
+    def global_params(self) -> list[torch.Tensor]:
+        """The parameters themselves: every step leaves them equal on every worker."""
+        return self.params
+
+    @property
+    def swarm_round(self) -> int:
+        """One gradient round per step."""
+        return self.step_count
+
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     def _exchange(self, grads: list[torch.Tensor], compression):
         handle = self.averager.average(self.key, grads, round=self.step_count, weight=self.weight,
                                        compressor=compression)
-        result = handle.result(self.timeout)
+        result = self._wait(handle, self.timeout)
         self.stats.record(result)
         return result
 

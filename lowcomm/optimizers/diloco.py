@@ -109,6 +109,16 @@ class DiLoCo(OuterOptimizer):
         self.step_count = 0
         self.inflight: list[_InFlight] = []
 
+    @property
+    def global_params(self) -> list[torch.Tensor]:
+        """phi of every fragment, fragment after fragment (fp32)."""
+        return [t for phi in self.phi for t in phi]
+
+    @property
+    def swarm_round(self) -> int:
+        """Fragment rounds started, summed over fragments."""
+        return sum(self.rounds)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One inner step; then send fragments that are due and apply means that arrived."""
@@ -131,7 +141,7 @@ class DiLoCo(OuterOptimizer):
         self.inflight.append(_InFlight(p, self.step_count + self.delay, handle))
 
     def _apply(self, entry: _InFlight) -> None:
-        result = entry.handle.result(self.timeout)
+        result = self._wait(entry.handle, self.timeout)
         self.stats.record(result)
         p = entry.fragment
         for ph, mean in zip(self.phi[p], result.tensors):
@@ -168,7 +178,7 @@ class DiLoCo(OuterOptimizer):
         flight (waited for here)."""
         inflight = []
         for e in self.inflight:
-            r = e.handle.result(self.timeout)
+            r = self._wait(e.handle, self.timeout)
             inflight.append({"fragment": e.fragment, "apply_at": e.apply_at, "tensors": r.tensors,
                              "averaged": r.averaged, "participants": r.participants,
                              "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received})

@@ -56,6 +56,15 @@ class NoLoCo(OuterOptimizer):
         self.round = 0
         self.step_count = 0
 
+    @property
+    def global_params(self) -> list[torch.Tensor]:
+        """This worker's slow weights phi_i (fp32; NoLoCo keeps one per worker)."""
+        return self.phi
+
+    @property
+    def swarm_round(self) -> int:
+        return self.round
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._inner_step(closure)
@@ -69,7 +78,7 @@ class NoLoCo(OuterOptimizer):
         handle = self.averager.average(self.key, self.phi + deltas, round=self.round, group_size=self.group_size,
                                        weight=self.weight, compressor=self.compression)
         self.round += 1
-        result = handle.result(self.timeout)
+        result = self._wait(handle, self.timeout)
         self.stats.record(result)
         phi_bar, d_bar = result.tensors[:n], result.tensors[n:]
         for th, ph, m, pb, db in zip(self.params, self.phi, self.momentum, phi_bar, d_bar):

@@ -87,7 +87,7 @@ def job_diloco(swarm, args) -> None:
         opt.zero_grad()
     emit(check="diloco", before=before, after=t.evaluate(model), rounds=opt.stats.outer_rounds,
          group=opt.stats.last_group_size, not_averaged=opt.stats.rounds_not_averaged,
-         phi=digest([p for frag in opt.phi for p in frag]), theta=digest(list(model.parameters())))
+         phi=digest(opt.global_params), theta=digest(list(model.parameters())))
 
 
 def job_hostile(swarm, args) -> None:
