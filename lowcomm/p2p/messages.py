@@ -8,7 +8,7 @@ blob is neither copied into msgpack when sent nor out of it when received.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import msgpack
 
@@ -53,18 +53,27 @@ def unpack(kind: str, data: Buffer) -> dict:
             obj = msgpack.unpackb(data, raw=False, max_bin_len=MAX_BLOB_BYTES, **_LIMITS)
         except Exception as e:  # msgpack raises several types for malformed input
             raise WireFormatError(f"malformed {kind} message: {type(e).__name__}") from None
-    schema = _SCHEMAS[kind]
-    if not isinstance(obj, dict) or obj.get("kind") != kind or set(obj) != set(schema) | {"kind"}:
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
         raise WireFormatError(f"not a {kind} message")
-    for name, typ in schema.items():
-        v = obj[name]
-        if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            obj[name] = v = float(v)
-        if not isinstance(v, typ) or isinstance(v, bool):
-            raise WireFormatError(f"{kind} message field {name!r} has type {type(v).__name__}")
+    check_fields(kind, obj, {**_SCHEMAS[kind], "kind": str})
     if kind == "part":
         for name in ("contributors", "outliers"):
             if not all(isinstance(peer, str) for peer in obj[name]):
                 raise WireFormatError(f"part message field {name!r} must list peer ids")
         obj["blob"] = body
+    return obj
+
+
+def check_fields(what: str, obj: Any, schema: Mapping[str, type | tuple[type, ...]]) -> dict:
+    """``obj`` if it is a map with exactly ``schema``'s fields, of its types (an
+    int is taken as a float; a bool only where the schema says bool); raise
+    `WireFormatError` naming ``what`` otherwise. For any message of a schema."""
+    if not isinstance(obj, dict) or set(obj) != set(schema):
+        raise WireFormatError(f"not a {what} message")
+    for name, typ in schema.items():
+        v = obj[name]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            obj[name] = v = float(v)
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+            raise WireFormatError(f"{what} message field {name!r} has type {type(v).__name__}")
     return obj

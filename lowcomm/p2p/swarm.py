@@ -57,7 +57,7 @@ from lowcomm.p2p.exchange import GroupExchange, UploadRate
 from lowcomm.p2p.matchmaking import Matchmaker
 from lowcomm.p2p.membership import Membership
 from lowcomm.p2p.private import make_private
-from lowcomm.p2p.transport import Transport
+from lowcomm.p2p.transport import Handler, Message, Transport
 
 log = logging.getLogger("lowcomm.p2p")
 
@@ -192,6 +192,17 @@ class Swarm:
         what it raises, or `TimeoutError` after ``timeout`` seconds). For work on
         the transport beside averaging: serving another protocol, a request."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def serve(self, protocol: str, handler: Handler) -> None:
+        """Answer requests of ``protocol``, a protocol beside averaging (e.g. `lowcomm
+        join`'s handshake), with ``handler``, run on the swarm's event loop."""
+        self.call(self.transport.serve(protocol, handler), timeout=30)
+
+    def request(self, peer: str, protocol: str, data: Message, timeout: float) -> bytes:
+        """Send ``data`` to ``peer`` under ``protocol`` and return its answer; blocks
+        for at most ``timeout`` seconds (plus 10 s to reach the loop). Raises what
+        the transport raises (`PeerUnreachable`, `TimeoutError`, `Unauthorized`)."""
+        return self.call(self.transport.request(peer, protocol, data, timeout=timeout), timeout + 10)
 
     # --- lifecycle ---
     async def _start(self) -> None:
