@@ -209,6 +209,11 @@ class JoinConfig(OuterConfig):
                            "so nodes without it can neither join nor download the model. Copy it to every node.")
     allow: str = opt("", "Peer ids allowed in the swarm, comma- or space-separated (empty: any peer); "
                      "requests from other peers are refused. A node's peer id is printed when it starts.")
+    log_to: str = opt("", "Metrics for another program, one record per outer round plus a start and a stop "
+                      "record: jsonl:PATH appends them to PATH as JSON lines, flushed each line (empty: "
+                      "nowhere). Keys: t, step, round, participants, members, excluded, loss, tokens_per_s, "
+                      "bytes_sent, bytes_received, round_s, compute_s, wait_s (seconds and bytes since this "
+                      "node started training).")
 
     def peer_list(self) -> list[str]:
         return _words(self.peers)

@@ -13,7 +13,14 @@ left out of (late, or alone while others exist) makes it catch up again.
 Ctrl+C or SIGTERM gives up the round in flight, writes a checkpoint, stops the
 daemon and exits 0; a second Ctrl+C exits at once. ``--secret-file`` and
 ``--allow`` make the swarm private (`lowcomm.p2p.private`): strangers are
-refused in one line.
+refused in one line. ``--log-to jsonl:PATH`` appends one JSON record per
+outer round (and one at start and at stop) for another program to read
+(`lowcomm.metrics`; the keys are in `Node.round_record`).
+
+The parts: `lowcomm.join.protocol` (handshake and state transfer),
+`lowcomm.join.catchup` (when to catch up), `lowcomm.join.checkpoints` (the
+folder lock and the checkpoint); this module checks the settings, builds the
+model and runs the training loop.
 """
 
 from __future__ import annotations
@@ -28,28 +35,25 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import msgpack
-import torch
 from rich.console import Console
 from rich.markup import escape
 
-from lowcomm.checkpoint import CheckpointError, load_state, save_state, state_from_bytes, state_to_bytes
 from lowcomm.compressors import wire_size
 from lowcomm.config import ConfigError, JoinConfig, OuterConfig, check_aggregator
-from lowcomm.join.settings import differences, run_settings, settings_hash
-from lowcomm.sim.report import format_bytes
+from lowcomm.join.catchup import CatchUp
+from lowcomm.join.checkpoints import FolderLock, NodeCheckpoint, claim_folder
+from lowcomm.join.protocol import JoinProtocol, Refused
+from lowcomm.join.settings import run_settings, settings_hash
+from lowcomm.metrics import Sinks, open_sinks
+from lowcomm.optimizers import OuterOptimizer
 from lowcomm.optimizers.registry import ALGORITHMS, build_optimizer, settings_for
-from lowcomm.p2p.private import MIN_SECRET_BYTES, REFUSED, Unauthorized
+from lowcomm.p2p.private import MIN_SECRET_BYTES
+from lowcomm.sim.report import format_bytes
 from lowcomm.tasks import TaskError, load_task
 
-PROTOCOL_HELLO = "/lowcomm/hello/1"
+__all__ = ["Node", "Refused"]
+
 PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{40,128}$")  # base58: Qm... or 12D3KooW...
-PROTOCOL_STATE = "/lowcomm/state/1"
-CHECKPOINT = "node"
-
-
-class Refused(Exception):
-    """A peer runs other settings; the message names what differs."""
 
 
 def check_multiaddr(flag: str, text: str, need_peer_id: bool) -> dict[str, str]:
@@ -89,10 +93,10 @@ def check_port_free(listen: str) -> None:
                                           "running? pick another port, or 0 for any free one") from None
 
 
-def phi_digest(opt) -> str:
+def phi_digest(opt: OuterOptimizer) -> str:
+    """A short hash of the global weights: equal on every node that took part in a round."""
     h = hashlib.sha256()
-    phis = opt.phi if isinstance(opt.phi[0], torch.Tensor) else [t for frag in opt.phi for t in frag]
-    for t in phis:
+    for t in opt.global_params:
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
 
@@ -104,8 +108,9 @@ class Node:
         self.cfg, self.console = cfg, console
         self.stop_requested = False
         self.swarm = None
-        self._state_blob = b""
-        self._missed = 0
+        self.opt: OuterOptimizer | None = None
+        self.folder: FolderLock | None = None
+        self.metrics = Sinks([])
 
     # --- set-up ---
     def _validate(self) -> list[str]:
@@ -133,6 +138,7 @@ class Node:
         for peer in cfg.allow_list() or []:
             if not PEER_ID.match(peer):
                 raise ConfigError("--allow", f"{peer!r} is not a peer id (base58, like 12D3KooW...)")
+        self.metrics = open_sinks(cfg.log_to, "--log-to")  # last: nothing after it can fail
         return peers
 
     def _build(self) -> None:
@@ -150,43 +156,15 @@ class Node:
         self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings, cfg.aggregator)
         self.hash = settings_hash(self.run_settings)
 
-    def _claim_checkpoint_dir(self) -> Path:
-        """Take the checkpoint folder (with a lock file holding our pid). With the
-        default folder, a folder in use by a running node on this machine is
-        skipped for ``checkpoints-2``, ``-3`` ...; a lock left by a dead process is taken over."""
-        base = Path(self.cfg.checkpoint_dir)
-        default = self.cfg.checkpoint_dir == JoinConfig.checkpoint_dir
-        for i in range(1, 1000):
-            folder = base if i == 1 else base.with_name(f"{base.name}-{i}")
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = folder / ".lock"
-            try:
-                holder = int(lock.read_text().strip())
-                os.kill(holder, 0)
-                alive = holder != os.getpid()
-            except (FileNotFoundError, ValueError, ProcessLookupError):
-                alive = False
-            except PermissionError:
-                alive = True
-            if not alive:
-                lock.write_text(str(os.getpid()))
-                if folder != base:
-                    self.console.print(f"using checkpoint folder {folder} ({base} is in use by a running node)",
-                                       highlight=False)
-                self._lock = lock
-                return folder
-            if not default:
-                raise ConfigError("--checkpoint-dir", f"{folder} is in use by a running node (pid {holder}); "
-                                                      "give this node a folder of its own")
-        raise ConfigError("--checkpoint-dir", "no free checkpoint folder")
-
     def _join_swarm(self, peers: list[str]) -> None:
         from lowcomm.p2p import BootstrapFailed, Swarm, TransportError
         from lowcomm.p2p.backends import BackendConflict
 
         cfg = self.cfg
-        ckpt_dir = self.checkpoint_dir = self._claim_checkpoint_dir()
-        identity = cfg.identity or str(ckpt_dir / "identity.key")
+        self.folder = claim_folder(cfg.checkpoint_dir, cfg.checkpoint_dir == JoinConfig.checkpoint_dir,
+                                   self.console)
+        self.checkpoint = NodeCheckpoint(self.folder.folder, self.hash, cfg.run_id, self.console)
+        identity = cfg.identity or str(self.folder.folder / "identity.key")
         try:
             self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", backend=cfg.backend,
                                     listen=[cfg.listen], announce=[cfg.announce] if cfg.announce else [],
@@ -199,116 +177,18 @@ class Node:
                                          "port is open") from None
         except TransportError as e:
             raise ConfigError("--listen", f"could not start the network: {e}") from None
-        self.swarm.call(self._serve(), timeout=30)
+        self.protocol = JoinProtocol(self.swarm, cfg.run_id, self.run_settings, self.hash, self.console)
+        self.protocol.serve()
         self.console.print(f"peer id {self.swarm.peer_id} (its key: {identity})", highlight=False)
         try:
             self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm)
         except ValueError as e:
             raise ConfigError(f"--{cfg.algorithm}", str(e)) from None
+        self.catchup = CatchUp(self.opt, self.swarm, self.protocol, self.console)
 
-    async def _serve(self) -> None:
-        async def hello(sender: str, data: bytes) -> bytes:
-            msg = msgpack.unpackb(data, raw=False)
-            ok = isinstance(msg, dict) and msg.get("run_id") == self.cfg.run_id and msg.get("hash") == self.hash
-            if not ok:
-                self.console.print(f"[yellow]refused {sender[:16]}…: it runs other settings[/]", highlight=False)
-            return msgpack.packb({"ok": ok, "run_id": self.cfg.run_id, "hash": self.hash,
-                                  "settings": self.run_settings})
-
-        async def state(sender: str, data: bytes) -> bytes:
-            msg = msgpack.unpackb(data, raw=False)
-            if not isinstance(msg, dict) or msg.get("hash") != self.hash or not self._state_blob:
-                return b""
-            return self._state_blob
-
-        await self.swarm.transport.serve(PROTOCOL_HELLO, hello)
-        await self.swarm.transport.serve(PROTOCOL_STATE, state)
-
-    def _handshake(self, peers: list[str]) -> None:
-        """Ask each bootstrap peer whether it runs our settings; refuse on a mismatch."""
-        request = msgpack.packb({"run_id": self.cfg.run_id, "hash": self.hash})
-        for addr in peers:
-            peer = addr.split("/p2p/")[-1].split("/")[0]
-            try:
-                raw = self.swarm.call(self.swarm.transport.request(peer, PROTOCOL_HELLO, request, timeout=30), 40)
-                if raw == REFUSED:  # only a node outside a private swarm sees the refusal itself
-                    raise Unauthorized(f"{addr} runs a private swarm; join it with its --secret-file "
-                                       "(and be on its --allow list if it has one)")
-                reply = msgpack.unpackb(raw, raw=False)
-            except Unauthorized as e:
-                raise Refused(f"refused by {addr}: {e}") from None
-            except Exception as e:  # an unreachable bootstrap peer is reported, the next one tried
-                self.console.print(f"[yellow]could not greet {escape(addr)}: {escape(str(e))}[/]", highlight=False)
-                continue
-            if not reply.get("ok"):
-                what = differences(self.run_settings, reply.get("settings") or {})
-                if reply.get("run_id") != self.cfg.run_id:
-                    what.insert(0, f"run id ({self.cfg.run_id!r} here, {reply.get('run_id')!r} there)")
-                raise Refused(f"refused by {addr}: run {reply.get('run_id')!r} settings {reply.get('hash')} differ from "
-                              f"run {self.cfg.run_id!r} settings {self.hash} here: {'; '.join(what) or 'settings'}")
-            return
-
-    # --- state ---
     def _snapshot(self) -> None:
-        self._state_blob = state_to_bytes(self.opt.shared_state_dict(),
-                                          {"hash": self.hash, "step": self.opt.step_count})
-
-    def _fetch_state(self) -> tuple[str, dict, dict] | None:
-        """(peer, shared state, meta) from the first live peer that serves a valid one."""
-        request = msgpack.packb({"hash": self.hash})
-        for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
-            try:
-                blob = self.swarm.call(self.swarm.transport.request(peer, PROTOCOL_STATE, request, timeout=120),
-                                        timeout=130)
-                if not blob:
-                    continue
-                state, meta = state_from_bytes(blob)
-                if meta.get("hash") != self.hash:
-                    raise CheckpointError("settings hash differs")
-                return peer, state, meta
-            except Exception as e:  # try the next peer: this one is gone or sent something unusable
-                self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]", highlight=False)
-        return None
-
-    def catch_up(self, fetched: tuple[str, dict, dict] | None = None) -> bool:
-        """Adopt a peer's shared state (``fetched``, or fetched now from the first peer that serves one)."""
-        fetched = fetched or self._fetch_state()
-        if fetched is None:
-            return False
-        peer, state, _ = fetched
-        try:
-            self.opt.load_shared_state_dict(state)
-        except ValueError as e:
-            self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]", highlight=False)
-            return False
-        self.swarm.forget_rounds()
-        self.console.print(f"caught up from {peer[:16]}… at step {self.opt.step_count}", highlight=False)
-        return True
-
-    def _checkpoint_path(self) -> Path:
-        return self.checkpoint_dir / CHECKPOINT
-
-    def save(self) -> None:
-        save_state(self._checkpoint_path(), {"model": self.model.state_dict(), "opt": self.opt.state_dict()},
-                   {"hash": self.hash, "step": self.opt.step_count, "run_id": self.cfg.run_id})
-
-    def load_checkpoint(self) -> int | None:
-        """Resume from this node's checkpoint if it is valid; returns its step."""
-        path = self._checkpoint_path()
-        if not path.with_suffix(".json").exists() and not path.with_suffix(".safetensors").exists():
-            return None
-        try:
-            state, meta = load_state(path)
-            if meta.get("hash") != self.hash:
-                raise CheckpointError(f"it was written for other settings ({meta.get('hash')})")
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["opt"])
-        except (CheckpointError, KeyError, ValueError, RuntimeError) as e:
-            self.console.print(f"[yellow]skipping checkpoint {escape(str(path))}: {escape(str(e))}[/]",
-                               highlight=False)
-            return None
-        self.console.print(f"resumed from checkpoint at step {meta['step']}", highlight=False)
-        return int(meta["step"])
+        """Serve the current shared state to nodes that join or catch up."""
+        self.protocol.publish(self.opt.shared_state_dict(), self.opt.step_count)
 
     # --- running ---
     def _on_signal(self, signum, frame) -> None:
@@ -325,38 +205,28 @@ class Node:
 
     def run(self) -> None:
         peers = self._validate()
-        self._build()
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        self._join_swarm(peers)
         try:
-            if peers:
-                self._handshake(peers)
-            self._start_state(peers)
-            self._snapshot()
-            if not peers:
-                self._print_join_line()
-            self._train()
-        finally:
-            if getattr(self, "opt", None) is not None:
-                self.save()
-                self.console.print(f"checkpoint written to {self._checkpoint_path()}.*", highlight=False)
-            self.swarm.close()
-            lock = getattr(self, "_lock", None)
-            if lock is not None:
-                lock.unlink(missing_ok=True)
-
-    def _start_state(self, peers: list[str]) -> None:
-        ckpt_step = self.load_checkpoint()
-        if peers:
+            self._build()
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+            self._join_swarm(peers)
             try:
-                self.swarm.wait_for_members(2, timeout=30)
-            except TimeoutError:
-                self.console.print("[yellow]no other member visible yet; starting on my own[/]")
-                return
-            fetched = self._fetch_state()  # one download: its step decides, and it is what we load
-            if fetched is not None and (ckpt_step is None or int(fetched[2]["step"]) > ckpt_step):
-                self.catch_up(fetched)
+                if peers:
+                    self.protocol.greet(peers)
+                self.catchup.at_start(self.checkpoint.load(self.model, self.opt), have_peers=bool(peers))
+                self._snapshot()
+                if not peers:
+                    self._print_join_line()
+                self._train()
+            finally:
+                if self.opt is not None:
+                    self.checkpoint.save(self.model, self.opt)
+                    self.console.print(f"checkpoint written to {self.checkpoint.path}.*", highlight=False)
+                self.swarm.close()
+        finally:
+            if self.folder is not None:
+                self.folder.release()
+            self.metrics.close()
 
     def _print_join_line(self) -> None:
         cfg = self.cfg
@@ -388,41 +258,90 @@ class Node:
         order = int(hashlib.sha256(f"{cfg.seed}/{self.swarm.peer_id}".encode()).hexdigest()[:8], 16)
         data = task.batches(0, 1, order)
         numel = sum(p.numel() for p in self.model.parameters())
-        codec = opt.compression.compressor if hasattr(opt.compression, "compressor") else opt.compression
-        ratio = numel * 4 / wire_size(codec, numel) if codec is not None else 1.0
-        self.console.print(f"eval loss {task.evaluate(self.model):.4f} at step {opt.step_count}", highlight=False)
+        ratio = numel * 4 / wire_size(opt.codec, numel) if opt.codec is not None else 1.0
+        eval_loss = task.evaluate(self.model)
+        self.console.print(f"eval loss {eval_loss:.4f} at step {opt.step_count}", highlight=False)
+        meter = Meter(opt)
+        self.metrics.write({"event": "start", "t": 0.0, "step": opt.step_count, "round": opt.swarm_round,
+                            "peer_id": self.swarm.peer_id, "eval_loss": eval_loss})
         rounds_seen, tokens, t_last = opt.stats.outer_rounds, 0, time.monotonic()
         since_ckpt = 0
         while not self.stop_requested and (cfg.max_steps == 0 or opt.step_count < cfg.max_steps):
+            t_start = time.monotonic()
             loss = task.loss(self.model, next(data))
             loss.backward()
-            t_step = time.monotonic()
+            t_step, waited = time.monotonic(), opt.stats.wait_s
             opt.step()
             opt.zero_grad()
+            now = time.monotonic()
+            meter.computed(now - t_start - (opt.stats.wait_s - waited))
             tokens += task.tokens_per_batch
             if opt.stats.outer_rounds == rounds_seen:
                 continue
             rounds_seen = opt.stats.outer_rounds
-            now = time.monotonic()
             members = len(self.swarm.known_members)
             excluded = len(self.swarm.exclusions.excluded())
-            swarm_round = sum(opt.rounds) if hasattr(opt, "rounds") else opt.round  # the same on every node
             self.console.print(
-                f"round {swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members}"
+                f"round {opt.swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members}"
                 f"{f' ({excluded} excluded)' if excluded else ''} | "
                 f"loss {loss.item():.4f} | {tokens / max(now - t_last, 1e-9):,.0f} tok/s | "
                 f"sent {format_bytes(opt.stats.bytes_sent)} recv {format_bytes(opt.stats.bytes_received)} | "
                 f"x{ratio:.1f} compression | round {now - t_step:.2f} s | phi {phi_digest(opt)}", highlight=False,
                 soft_wrap=True)
+            self.metrics.write(self.round_record(meter, now, loss.item(), tokens / max(now - t_last, 1e-9),
+                                                 now - t_step, members, excluded))
             tokens, t_last = 0, now
-            out_of_sync = opt.stats.rounds_not_averaged > self._missed or (
-                opt.stats.last_group_size < 2 and members > 1)
-            self._missed = opt.stats.rounds_not_averaged
-            if out_of_sync and members > 1 and not self.stop_requested:
-                self.catch_up()
+            self.catchup.after_round(stopping=self.stop_requested)
             self._snapshot()
             since_ckpt += 1
             if since_ckpt >= cfg.checkpoint_every:
-                self.save()
+                self.checkpoint.save(self.model, opt)
                 since_ckpt = 0
-        self.console.print(f"eval loss {task.evaluate(self.model):.4f} at step {opt.step_count}", highlight=False)
+        eval_loss = task.evaluate(self.model)
+        self.console.print(f"eval loss {eval_loss:.4f} at step {opt.step_count}", highlight=False)
+        totals = meter.totals(time.monotonic())
+        self.metrics.write({"event": "stop", "t": totals["t"], "step": opt.step_count, "round": opt.swarm_round,
+                            "eval_loss": eval_loss, **totals})
+
+    def round_record(self, meter: Meter, now: float, loss: float, tokens_per_s: float, round_s: float,
+                     members: int, excluded: int) -> dict:
+        """The ``--log-to`` record of the round that just ended: ``t`` (s since training
+        started), ``step``, ``round`` (the swarm round), ``participants`` (group size),
+        ``members`` and ``excluded`` (peers), ``loss`` (of the last batch),
+        ``tokens_per_s`` (since the last round), ``bytes_sent`` and
+        ``bytes_received`` (wire bytes), ``round_s`` (the step that ended the round),
+        ``compute_s`` (forward, backward and local optimizer work) and ``wait_s``
+        (blocked on averaging results); counters since training started."""
+        opt = self.opt
+        totals = meter.totals(now)
+        return {"t": totals["t"], "step": opt.step_count, "round": opt.swarm_round,
+                "participants": opt.stats.last_group_size, "members": members, "excluded": excluded,
+                "loss": loss, "tokens_per_s": tokens_per_s, "bytes_sent": totals["bytes_sent"],
+                "bytes_received": totals["bytes_received"], "round_s": round_s, "compute_s": totals["compute_s"],
+                "wait_s": totals["wait_s"]}
+
+
+class Meter:
+    """Counters of one training session of ``opt``: seconds since it started,
+    seconds of compute, and the optimizer's wire bytes and waiting since it
+    started (counters a checkpoint restored are not this session's)."""
+
+    def __init__(self, opt: OuterOptimizer, start: float | None = None):
+        self.opt, self.start = opt, time.monotonic() if start is None else start
+        self._base = self._counters()
+        self.compute_s = 0.0
+
+    def _counters(self) -> tuple[int, int, float]:
+        s = self.opt.stats
+        return s.bytes_sent, s.bytes_received, s.wait_s
+
+    def computed(self, seconds: float) -> None:
+        """Add ``seconds`` of training compute (loop time less waiting)."""
+        self.compute_s += seconds
+
+    def totals(self, now: float) -> dict:
+        """``t`` (seconds since the start to ``now``), ``bytes_sent``, ``bytes_received``,
+        ``compute_s`` and ``wait_s``, all since the start."""
+        (sent, received, wait), (sent0, received0, wait0) = self._counters(), self._base
+        return {"t": now - self.start, "bytes_sent": sent - sent0, "bytes_received": received - received0,
+                "compute_s": self.compute_s, "wait_s": wait - wait0}

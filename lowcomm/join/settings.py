@@ -31,14 +31,14 @@ def settings_hash(settings: dict) -> str:
 
 
 def differences(mine: dict, theirs: dict) -> list[str]:
-    """Human-readable list of the settings that differ."""
+    """Human-readable list of the settings that differ (``theirs`` as a peer sent it)."""
     out = []
     for key in sorted(set(mine) | set(theirs)):
         a, b = mine.get(key), theirs.get(key)
         if a != b:
             if key == "parameters":
-                out.append(f"model shape ({len(a or [])} vs {len(b or [])} tensors"
-                           f"{', shapes differ' if len(a or []) == len(b or []) else ''})")
+                na, nb = (len(x) if isinstance(x, list) else 0 for x in (a, b))
+                out.append(f"model shape ({na} vs {nb} tensors{', shapes differ' if na == nb else ''})")
             else:
                 out.append(f"{key} ({a!r} here, {b!r} there)")
     return out

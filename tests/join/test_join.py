@@ -1,5 +1,6 @@
 """`lowcomm join`: three nodes on loopback, a SIGKILL, a restart that catches up, clean exits."""
 
+import json
 import os
 import queue
 import re
@@ -95,8 +96,9 @@ def nodes():
 @pytest.mark.parametrize("backend", ["hivemind", "libp2p"])
 def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path, backend):
     # every node runs in tmp_path with the default checkpoint folder; the joiners run the printed line as is
-    a = nodes("a", *TASK, "--backend", backend, cwd=tmp_path)
+    a = nodes("a", *TASK, "--backend", backend, "--log-to", "jsonl:a.jsonl", cwd=tmp_path)
     join_line = wait_until(lambda: a.grep(r"^lowcomm join --peers "), 60, "the join line")[0]
+    assert "--log-to" not in join_line  # each node's own
     b = nodes("b", *pasted(join_line), cwd=tmp_path)
     wait_until(lambda: b.grep("caught up from|^round"), 60, "b to start")
     c = nodes("c", *pasted(join_line), cwd=tmp_path)
@@ -127,7 +129,26 @@ def test_three_nodes_survive_a_kill_and_agree_after_catch_up(nodes, tmp_path, ba
         evals = [float(x) for x in re.findall(r"eval loss ([\d.]+)", "\n".join(n.lines))]
         assert evals[-1] < start / 10
         assert n.grep("checkpoint written")
+    check_records(a, tmp_path / "a.jsonl")
     folders = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoints"))
     assert folders == ["checkpoints", "checkpoints-2", "checkpoints-3"]
     assert all((tmp_path / f / "node.safetensors").exists() for f in folders)
     assert c2.grep("caught up from") and not c2.grep("using checkpoint folder checkpoints-4")
+
+
+def check_records(node: NodeProc, path: Path) -> None:
+    """``--log-to``'s records match the node's status lines: a start, one per round, a stop."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    start, rounds, stop = records[0], records[1:-1], records[-1]
+    assert start["event"] == "start" and start["step"] == 0 and node.grep(f"^peer id {start['peer_id']} ")
+    assert [(r["round"], r["step"], r["participants"], r["members"]) for r in rounds] == \
+        [line[:4] for line in node.rounds()]
+    assert all(list(r) == ["t", "step", "round", "participants", "members", "excluded", "loss", "tokens_per_s",
+                           "bytes_sent", "bytes_received", "round_s", "compute_s", "wait_s"] for r in rounds)
+    for before, after in zip(rounds, rounds[1:]):
+        for key in ("t", "bytes_sent", "bytes_received", "compute_s", "wait_s"):  # (a catch-up may move step)
+            assert after[key] >= before[key], key
+    assert all(0 < r["compute_s"] + r["wait_s"] <= r["t"] for r in rounds)
+    assert rounds[-1]["bytes_sent"] > 0 and rounds[-1]["bytes_received"] > 0
+    loss, step = re.findall(r"eval loss ([\d.]+) at step (\d+)", "\n".join(node.lines))[-1]
+    assert (stop["event"], f"{stop['eval_loss']:.4f}", stop["step"]) == ("stop", loss, int(step))

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from lowcomm.checkpoint import CheckpointError, load_state, save_state
 from lowcomm.config import JoinConfig
+from lowcomm.join.checkpoints import NodeCheckpoint
 from lowcomm.join.node import Node
 from lowcomm.sim import LocalSwarm
 from lowcomm.optimizers.registry import build_optimizer
@@ -75,33 +76,33 @@ def test_a_node_with_other_settings_is_refused(tmp_path):
     wait_until(lambda: p2pd_pids() <= before, 15, "every p2pd to exit")
 
 
-def _node(tmp_path) -> Node:
+def _node(tmp_path) -> tuple[Node, NodeCheckpoint]:
     cfg = JoinConfig(task="tests.sim.tinytask:task", checkpoint_dir=str(tmp_path), sync_every=5)
-    node = Node(cfg, Console(file=open(os.devnull, "w")))
+    console = Console(file=open(os.devnull, "w"))
+    node = Node(cfg, console)
     node._build()
-    node.checkpoint_dir = tmp_path
     node.opt = build_optimizer(node.settings, node.model, node.inner, LocalSwarm(1).averager(0))
-    return node
+    return node, NodeCheckpoint(tmp_path, node.hash, cfg.run_id, console)
 
 
 def test_corrupt_or_truncated_checkpoint_is_reported_and_skipped(tmp_path):
-    node = _node(tmp_path)
+    node, checkpoint = _node(tmp_path)
     data = node.task.batches(0, 1, 0)
     for _ in range(7):
         node.task.loss(node.model, next(data)).backward()
         node.opt.step()
         node.opt.zero_grad()
-    node.save()
-    assert _node(tmp_path).load_checkpoint() == 7
+    checkpoint.save(node.model, node.opt)
+    fresh, checkpoint = _node(tmp_path)
+    assert checkpoint.load(fresh.model, fresh.opt) == 7
     path = tmp_path / "node.safetensors"
     good = path.read_bytes()
     for broken in (good[: len(good) // 2], good[:-1] + bytes([good[-1] ^ 1])):
         path.write_bytes(broken)
-        fresh = _node(tmp_path)
+        fresh, checkpoint = _node(tmp_path)
         messages = []
-        fresh.console = Console(file=open(os.devnull, "w"))
-        fresh.console.print = lambda *a, **k: messages.append(" ".join(map(str, a)))
-        assert fresh.load_checkpoint() is None
+        checkpoint.console.print = lambda *a, **k: messages.append(" ".join(map(str, a)))
+        assert checkpoint.load(fresh.model, fresh.opt) is None
         assert fresh.opt.step_count == 0 and any("skipping checkpoint" in m for m in messages)
         try:
             load_state(tmp_path / "node")

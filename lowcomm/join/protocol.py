@@ -1,0 +1,211 @@
+"""The join node's protocols beside averaging: the handshake and state transfer.
+
+- ``/lowcomm/hello/1``: a joining node sends `Hello` (run id, settings hash)
+  to a bootstrap peer, which answers `HelloReply`: ``ok`` when both match,
+  and its own run id, hash and settings, so a refusal names what differs
+  (`lowcomm.join.settings.differences`).
+- ``/lowcomm/state/1``: a node sends `StateRequest` (settings hash); a peer
+  with the same settings answers its latest snapshot, a
+  `lowcomm.checkpoint.state_to_bytes` blob whose meta is `StateMeta`
+  (hash, step), or nothing (empty) when it has none or runs other settings.
+
+Messages are msgpack maps checked on receipt against their dataclass
+(`lowcomm.p2p.messages.check_fields`): a malformed one raises
+`WireFormatError` where it is read. The serving side answers malformed input
+with a refusal (hello) or nothing (state); it never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from functools import cache
+from typing import TYPE_CHECKING, ClassVar, TypeVar, get_type_hints
+
+import msgpack
+from rich.console import Console
+from rich.markup import escape
+
+from lowcomm.checkpoint import CheckpointError, state_from_bytes, state_to_bytes
+from lowcomm.compressors import WireFormatError
+from lowcomm.join.settings import differences
+from lowcomm.p2p.messages import check_fields
+from lowcomm.p2p.private import REFUSED, Unauthorized
+
+if TYPE_CHECKING:
+    from lowcomm.p2p import Swarm
+
+PROTOCOL_HELLO = "/lowcomm/hello/1"
+PROTOCOL_STATE = "/lowcomm/state/1"
+
+log = logging.getLogger("lowcomm.join")
+
+_LIMITS = {"max_str_len": 4096, "max_array_len": 100_000, "max_map_len": 256, "max_bin_len": 0}
+
+
+class Refused(Exception):
+    """A peer runs other settings, or a private swarm this node is not in; the message says which."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a joining node sends each bootstrap peer."""
+
+    kind: ClassVar[str] = "hello"
+    run_id: str
+    hash: str  # `lowcomm.join.settings.settings_hash` of the run settings
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    """A bootstrap peer's answer: ``ok`` if run id and hash match; its own run id,
+    hash and run settings (`lowcomm.join.settings.run_settings`) either way."""
+
+    kind: ClassVar[str] = "hello reply"
+    ok: bool
+    run_id: str
+    hash: str
+    settings: dict
+
+    def __post_init__(self):
+        if not all(isinstance(k, str) for k in self.settings):
+            raise WireFormatError("hello reply field 'settings' must map names to values")
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    """A request for a peer's shared state, for the settings of ``hash``."""
+
+    kind: ClassVar[str] = "state request"
+    hash: str
+
+
+@dataclass(frozen=True)
+class StateMeta:
+    """The meta of a state blob: the settings it is for and the step it was taken at."""
+
+    kind: ClassVar[str] = "state meta"
+    hash: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A peer's shared state (an optimizer's ``shared_state_dict``) at ``step``."""
+
+    peer: str
+    state: dict
+    step: int
+
+
+M = TypeVar("M", Hello, HelloReply, StateRequest, StateMeta)
+
+
+@cache
+def _schema(cls: type) -> dict[str, type]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def pack(msg: Hello | HelloReply | StateRequest) -> bytes:
+    return msgpack.packb(asdict(msg), use_bin_type=True)
+
+
+def from_map(cls: type[M], obj: object) -> M:
+    """``cls`` from a decoded map; `WireFormatError` unless it has exactly ``cls``'s fields and types."""
+    return cls(**check_fields(cls.kind, obj, _schema(cls)))
+
+
+def unpack(cls: type[M], data: bytes) -> M:
+    """``cls`` from msgpack bytes; `WireFormatError` for anything malformed."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, **_LIMITS)
+    except Exception as e:  # msgpack raises several types for malformed input
+        raise WireFormatError(f"malformed {cls.kind} message: {type(e).__name__}") from None
+    return from_map(cls, obj)
+
+
+class JoinProtocol:
+    """This node's side of both protocols on ``swarm``: it answers hellos and state
+    requests (`serve`, `publish`), greets bootstrap peers (`greet`) and downloads
+    a peer's state (`fetch_state`). ``settings`` are this node's run settings,
+    ``settings_hash`` their hash."""
+
+    def __init__(self, swarm: Swarm, run_id: str, settings: dict, settings_hash: str, console: Console):
+        self.swarm, self.run_id, self.settings, self.hash = swarm, run_id, settings, settings_hash
+        self.console = console
+        self._state = b""
+
+    # --- serving ---
+    def serve(self) -> None:
+        self.swarm.serve(PROTOCOL_HELLO, self._on_hello)
+        self.swarm.serve(PROTOCOL_STATE, self._on_state)
+
+    def publish(self, state: dict, step: int) -> None:
+        """Serve ``state`` (an optimizer's ``shared_state_dict`` at ``step``) to
+        nodes that ask from now on."""
+        self._state = state_to_bytes(state, asdict(StateMeta(self.hash, step)))
+
+    async def _on_hello(self, sender: str, data: bytes) -> bytes:
+        try:
+            hello = unpack(Hello, data)
+            ok, why = hello.run_id == self.run_id and hello.hash == self.hash, "it runs other settings"
+        except WireFormatError as e:
+            ok, why = False, f"its hello is malformed ({e})"
+        if not ok:
+            self.console.print(f"[yellow]refused {sender[:16]}…: {escape(why)}[/]", highlight=False)
+        return pack(HelloReply(ok, self.run_id, self.hash, self.settings))
+
+    async def _on_state(self, sender: str, data: bytes) -> bytes:
+        try:
+            request = unpack(StateRequest, data)
+        except WireFormatError as e:
+            log.info("ignored a state request from %s: %s", sender, e)
+            return b""
+        return self._state if request.hash == self.hash else b""
+
+    # --- asking ---
+    def greet(self, peers: list[str]) -> None:
+        """Ask the bootstrap peers (multiaddrs), in order, whether they run our
+        settings, until one answers: `Refused` if it says no. A peer that cannot be
+        reached or answers garbage is reported and the next one asked."""
+        request = pack(Hello(self.run_id, self.hash))
+        for addr in peers:
+            peer = addr.split("/p2p/")[-1].split("/")[0]
+            try:
+                raw = self.swarm.request(peer, PROTOCOL_HELLO, request, timeout=30)
+                if raw == REFUSED:  # only a node outside a private swarm sees the refusal itself
+                    raise Unauthorized(f"{addr} runs a private swarm; join it with its --secret-file "
+                                       "(and be on its --allow list if it has one)")
+                reply = unpack(HelloReply, raw)
+            except Unauthorized as e:
+                raise Refused(f"refused by {addr}: {e}") from None
+            except Exception as e:  # an unreachable bootstrap peer is reported, the next one tried
+                self.console.print(f"[yellow]could not greet {escape(addr)}: {escape(str(e))}[/]", highlight=False)
+                continue
+            if not reply.ok:
+                what = differences(self.settings, reply.settings)
+                if reply.run_id != self.run_id:
+                    what.insert(0, f"run id ({self.run_id!r} here, {reply.run_id!r} there)")
+                raise Refused(f"refused by {addr}: run {reply.run_id!r} settings {reply.hash} differ from "
+                              f"run {self.run_id!r} settings {self.hash} here: {'; '.join(what) or 'settings'}")
+            return
+
+    def fetch_state(self) -> Fetched | None:
+        """The shared state of the first live member that serves a valid one for our
+        settings; None if none does (each failure is reported)."""
+        request = pack(StateRequest(self.hash))
+        for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
+            try:
+                blob = self.swarm.request(peer, PROTOCOL_STATE, request, timeout=120)
+                if not blob:
+                    continue
+                state, meta = state_from_bytes(blob)
+                meta = from_map(StateMeta, meta)
+                if meta.hash != self.hash:
+                    raise CheckpointError("settings hash differs")
+                return Fetched(peer, state, meta.step)
+            except Exception as e:  # try the next peer: this one is gone or sent something unusable
+                self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]",
+                                   highlight=False)
+        return None
