@@ -43,11 +43,15 @@ MEASURE_BYTES = 1 << 20
 
 class UploadRate:
     """This node's upload rate in bits/s: a moving average over measured phases,
-    or ``assumed`` before the first measurement."""
+    or ``assumed`` before the first measurement. A send that ran out of time
+    halves it: the link is slower than the deadline was sized for, and a phase
+    that timed out measures nothing, so without this a link slower than a
+    quarter of the assumed rate would miss every deadline, round after round."""
 
     def __init__(self, assumed: float):
         self.assumed = assumed
         self._measured: float | None = None
+        self._timed_out_phase: object = None
 
     def estimate(self) -> float:
         return self._measured if self._measured is not None else self.assumed
@@ -60,6 +64,14 @@ class UploadRate:
             return
         rate = nbytes * 8 / seconds
         self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
+
+    def timed_out(self, phase: object = None) -> None:
+        """A send of ``phase`` (any token naming it) missed its deadline: halve the
+        estimate, once per phase however many of its sends timed out."""
+        if phase is not None and phase == self._timed_out_phase:
+            return
+        self._timed_out_phase = phase
+        self._measured = self.estimate() / 2
 
 
 @dataclass
@@ -148,8 +160,9 @@ class GroupExchange:
                      messages.pack_part(blob, run=self.run_id, key=key, round=round, phase=phase, shard=shard,
                                         weight=weight, contributors=contributors, outliers=list(outliers)))
 
-    async def _send(self, peer: str, part: _Part, timeout: float) -> int:
-        """Send a part message; returns the bytes sent (0 if the peer could not be reached)."""
+    async def _send(self, peer: str, part: _Part, timeout: float, phase: object = None) -> int:
+        """Send a part message; returns the bytes sent (0 if the peer could not be
+        reached). ``phase`` names the phase for `UploadRate.timed_out`."""
         try:
             await self.transport.request(peer, messages.PROTOCOL_PART, part.segments, timeout=timeout)
             return part.size
@@ -157,6 +170,8 @@ class GroupExchange:
             log.info("could not send %s to %s: %s", part.what, peer, e)
             if isinstance(e, PeerUnreachable):
                 self.membership.suspect(peer)
+            else:
+                self.upload.timed_out(phase)
             return 0
 
     async def _collect(self, key: str, round: int, wanted: set[tuple[str, int, str]], deadline: float) -> dict:
@@ -234,7 +249,8 @@ class GroupExchange:
         blobs, mine = [blob for blob, _ in packed], [decoded for _, decoded in packed]
         parts_out = [self._part(key, round, "part", j, weight, [], blob) for j, blob in enumerate(blobs)]
         start = time.monotonic()
-        sent = await asyncio.gather(*(self._send(group[j], parts_out[j], timeout) for j in range(n) if j != me))
+        sent = await asyncio.gather(*(self._send(group[j], parts_out[j], timeout, (key, round, "part"))
+                                      for j in range(n) if j != me))
         bytes_sent = sum(sent)
         self.upload.observe(sent, time.monotonic() - start)
         lo, hi = bounds[me]
@@ -248,7 +264,8 @@ class GroupExchange:
         outliers = set(flagged)
         mean_part = self._part(key, round, "mean", me, weight, contributors, mean_blob, flagged)
         t2 = time.monotonic()
-        sent2 = await asyncio.gather(*(self._send(g, mean_part, timeout) for g in group if g != self.peer_id))
+        sent2 = await asyncio.gather(*(self._send(g, mean_part, timeout, (key, round, "mean"))
+                                       for g in group if g != self.peer_id))
         bytes_sent += sum(sent2)
         self.upload.observe(sent2, time.monotonic() - t2)
         means = await self._collect(key, round, {("mean", j, group[j]) for j in range(n) if j != me},
@@ -330,7 +347,8 @@ class GroupExchange:
         blob, mine = await self._run(self._pack, codec, p)
         part = self._part(key, round, "full", 0, weight, [], blob)
         start = time.monotonic()
-        sent = await asyncio.gather(*(self._send(g, part, timeout) for g in group if g != self.peer_id))
+        sent = await asyncio.gather(*(self._send(g, part, timeout, (key, round, "full"))
+                                      for g in group if g != self.peer_id))
         self.upload.observe(sent, time.monotonic() - start)
         got = await self._collect(key, round, {("full", 0, g) for g in group if g != self.peer_id},
                                   start + timeout)

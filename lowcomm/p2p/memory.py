@@ -7,7 +7,7 @@ network and apply to messages sent from then on:
 - ``delay``: seconds added to every request (on the sender's side);
 - ``bandwidth``: bits/s of every node's uplink, shared by its requests in
   flight: a request of n bytes ends n * 8 / bandwidth seconds after the
-  uplink is free (None: instant);
+  uplink is free (None: instant); a request's timeout covers its upload;
 - ``drop(peer)``: requests from ``peer`` fail with `PeerUnreachable`;
 - ``crash(peer, after=n)``: the peer sends ``n`` more requests, then is gone
   (its requests and requests to it fail); ``after=0``: gone now;
@@ -94,6 +94,10 @@ class MemoryTransport:
         if self._loop is None:
             raise TransportError("transport not started")
         data = self.network._outgoing(self.peer_id, b"".join(segments(data)))
+        # the timeout covers the upload too, as on a real link
+        return await asyncio.wait_for(self._deliver(peer, protocol, data), timeout)
+
+    async def _deliver(self, peer: str, protocol: str, data: bytes) -> bytes:
         if self.network.delay:
             await asyncio.sleep(self.network.delay)
         if self.network.bandwidth:
@@ -108,8 +112,8 @@ class MemoryTransport:
             raise PeerUnreachable(f"{peer} does not serve {protocol}")
         fut = asyncio.run_coroutine_threadsafe(handler(self.peer_id, bytes(data)), target._loop)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-        except asyncio.TimeoutError:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
             fut.cancel()
             raise
         except PeerUnreachable:

@@ -26,7 +26,9 @@ How a round ``(key, round)`` goes:
    in their membership records (never below ``min_bandwidth``). Until a node
    has measured anything it assumes ``bandwidth`` (100 Mbit/s), so the
    defaults hold on loopback and on 100 Mbit/s links, and a slower link
-   lengthens every deadline after its first round.
+   lengthens every deadline after its first round. A phase whose send misses
+   its deadline measures nothing; it halves the node's estimate instead, so
+   on a link far slower than assumed the deadlines double until rounds fit.
 
 The swarm runs its own asyncio loop in a daemon thread; `average` returns at
 once. `close` (also on context exit and at interpreter exit) stops the

@@ -304,3 +304,36 @@ def test_a_claimed_weight_of_a_million_does_not_buy_the_mean(swarms):
     handles = [s.average("k", [x], round=0, weight=1e6 if i == 3 else 1.0) for i, (s, x) in enumerate(zip(nodes, xs))]
     for h in handles:  # capped at 2x the median weight (1): (1 + 2 + 3 + 2 * 1000) / 5
         assert torch.allclose(h.result().tensors[0], torch.full((100,), 2006.0 / 5), atol=1e-3)
+
+
+def test_a_link_far_slower_than_assumed_halves_the_estimate_until_rounds_fit(swarms):
+    # 4 Mbit/s uplinks where 100 Mbit/s is assumed: a phase sends one 250 kB shard (0.5 s), while the
+    # first deadline is 0.2 s + 4 x 500 kB at 100 Mbit/s = 0.36 s; each missed phase halves the estimate
+    net, nodes = swarms(2, net=MemoryNetwork(bandwidth=4e6), base_timeout=0.2)
+    xs = values(2, numel=125_000)
+    first = run_round(nodes, xs, round=0)
+    assert not any(all(r.shards_averaged) for r in first)
+    for s in nodes:
+        assert s.bandwidth_estimate() in (50e6, 25e6)  # one or both phases missed, halved once each
+    for round_ in range(1, 4):
+        results = run_round(nodes, xs, round=round_)
+        if all(all(r.shards_averaged) for r in results):
+            break
+    else:
+        raise AssertionError("no round fitted its deadline after three halvings")
+    want = (xs[0].double() + xs[1].double()) / 2
+    for r in results:
+        assert torch.allclose(r.tensors[0].double(), want, atol=1e-6)
+
+
+def test_upload_rate_halves_once_per_missed_phase():
+    from lowcomm.p2p.exchange import UploadRate
+
+    rate = UploadRate(100e6)
+    rate.timed_out(("k", 0, "part"))
+    rate.timed_out(("k", 0, "part"))  # a second send of the same phase
+    assert rate.estimate() == 50e6
+    rate.timed_out(("k", 0, "mean"))
+    assert rate.estimate() == 25e6
+    rate.observe([2_000_000], 0.16)  # 100 Mbit/s measured: the moving average takes 30% of it
+    assert rate.estimate() == pytest.approx(0.7 * 25e6 + 0.3 * 100e6)
