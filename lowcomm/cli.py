@@ -8,12 +8,16 @@
 
 Options of `simulate` and `plan` are built from `lowcomm.config`'s dataclasses;
 precedence is flag > --config FILE.toml > default, and every setting that
-differs from its default is printed once.
+differs from its default is printed once. ``LOWCOMM_LOG=info`` (or ``debug``)
+prints lowcomm's log lines at that level to standard error: every round's
+phases, sends that failed, deadlines.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from typing import Callable, Optional
@@ -127,6 +131,13 @@ def env() -> None:
 
 
 def main() -> None:
+    level = os.environ.get("LOWCOMM_LOG", "").upper()
+    if level:
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            err.print(f"LOWCOMM_LOG must be debug, info, warning or error, got {level.lower()!r}")
+            raise SystemExit(2)
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("lowcomm").setLevel(level)
     app()
 
 

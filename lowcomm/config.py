@@ -203,6 +203,8 @@ class JoinConfig(OuterConfig):
     checkpoint_dir: str = opt("checkpoints", "Folder for this node's checkpoints.")
     checkpoint_every: int = opt(10, "Outer rounds between checkpoints (and one on exit).")
     max_steps: int = opt(0, "Stop after this many inner steps (0: run until stopped).")
+    wait_for: int = opt(0, "Before the first step, wait until this many nodes (this one included) are in the "
+                        "swarm, to start a planned run together (0: start at once).")
     window: float = opt(5.0, "Seconds a round waits for missing peers.")
     secret_file: str = opt("", "File whose bytes (16 or more) are the swarm's shared secret, e.g. from "
                            "`head -c 32 /dev/urandom > swarm.secret`: every message is authenticated with it, "

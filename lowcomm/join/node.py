@@ -123,7 +123,8 @@ class Node:
         cfg.check_outer()
         cfg.check_taken(cfg.algorithm)
         check_aggregator(cfg.aggregator)
-        for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size)):
+        for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size),
+                            ("--wait-for", cfg.wait_for)):
             if value < 0:
                 raise ConfigError(flag, f"must be >= 0, got {value}")
         if cfg.checkpoint_every < 1:
@@ -217,7 +218,9 @@ class Node:
                 self._snapshot()
                 if not peers:
                     self._print_join_line()
-                self._train()
+                self._wait_for_nodes()
+                if not self.stop_requested:
+                    self._train()
             finally:
                 if self.opt is not None:
                     self.checkpoint.save(self.model, self.opt)
@@ -227,6 +230,19 @@ class Node:
             if self.folder is not None:
                 self.folder.release()
             self.metrics.close()
+
+    def _wait_for_nodes(self) -> None:
+        """Block until ``--wait-for`` nodes are live members (or a stop is asked for)."""
+        want, shown = self.cfg.wait_for, -1
+        while want > 1 and not self.stop_requested:
+            have = len(self.swarm.members())
+            if have >= want:
+                self.console.print(f"{have} nodes in the swarm: starting", highlight=False)
+                return
+            if have != shown:
+                self.console.print(f"waiting for {want} nodes: {have} in the swarm", highlight=False)
+                shown = have
+            time.sleep(0.2)
 
     def _print_join_line(self) -> None:
         cfg = self.cfg

@@ -22,6 +22,7 @@ import sys
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
+from multiaddr import Multiaddr
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -81,6 +82,8 @@ class HivemindTransport:
         self.dht: DHTNode | None = None
         self.peer_id = ""
         self._addrs: list[str] = []
+        self._peer_addrs: dict[str, list[str]] = {}  # member -> the addresses its membership record states
+        self._dialed: set[str] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +155,7 @@ class HivemindTransport:
             raise TransportError("transport not started")
 
         async def exchange() -> bytes:
+            await self._dial(peer)
             _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
             try:
                 await _write_frame(writer, data)
@@ -164,7 +168,31 @@ class HivemindTransport:
         except asyncio.TimeoutError:
             raise
         except (asyncio.IncompleteReadError, ConnectionError, P2PDaemonError, ValueError) as e:
+            self._dialed.discard(peer)  # dial its addresses again next time
             raise PeerUnreachable(f"{peer}: {type(e).__name__}: {e}") from None
+
+    def learn_addrs(self, peer: str, addrs: list[str]) -> None:
+        """``peer``'s addresses, from its membership record."""
+        if self._peer_addrs.get(peer) != addrs:
+            self._peer_addrs[peer] = list(addrs)
+            self._dialed.discard(peer)
+
+    async def _dial(self, peer: str) -> None:
+        """Connect to ``peer`` at the addresses its membership record states, once.
+        Without this the daemon finds peers through its DHT, which ignores
+        addresses it deems unroutable (benchmark ranges such as 198.18.0.0/15,
+        some private networks) and then fails with "routing: not found".
+        A failed dial is left to the daemon's own routing."""
+        addrs = self._peer_addrs.get(peer)
+        if not addrs or peer in self._dialed:
+            return
+        try:
+            maddrs = [Multiaddr(a) for a in addrs]
+            # hivemind's P2P has no public connect; its daemon client has
+            await self.p2p._client.connect(PeerID.from_base58(peer), maddrs)
+            self._dialed.add(peer)
+        except Exception as e:  # unusable addresses or no route: the daemon may still find the peer
+            log.debug("could not dial %s at %s: %s", peer, addrs, e)
 
     async def put(self, key: str, subkey: str, value: bytes, ttl: float) -> None:
         await self.dht.store(key, value, expiration_time=get_dht_time() + ttl, subkey=subkey)

@@ -3,7 +3,9 @@
 Every node publishes a record under ``<run>/members`` with a short TTL and
 refreshes it: its addresses, the highest round it has started and its
 upload rate (bits/s, which the others size their deadlines by). Nodes that
-stop refreshing drop out. A peer that could not be reached is a suspect: it
+stop refreshing drop out. A transport with ``learn_addrs(peer, addrs)`` is
+told every member's addresses, so it can dial members directly rather than
+rely on its own routing. A peer that could not be reached is a suspect: it
 is not waited for, or asked to lead, until its record could have expired or
 until it is heard from again.
 """
@@ -59,6 +61,11 @@ class Membership:
     async def refresh(self) -> list[str]:
         """Read the records: the live members (self included), sorted."""
         records = await self.transport.get(f"{self.run_id}/members")
+        learn = getattr(self.transport, "learn_addrs", None)
+        if learn is not None:  # a transport that can dial by address learns the members' addresses
+            for peer, record in records.items():
+                if peer != self.peer_id and (addrs := _published_addrs(record)):
+                    learn(peer, addrs)
         self._members = sorted(set(records) | {self.peer_id})
         self._published = {peer: rate for peer, record in records.items()
                            if (rate := _published_rate(record)) is not None}
@@ -84,6 +91,17 @@ class Membership:
         """The live members not under suspicion, sorted (the order leaders are tried in)."""
         now = time.monotonic()
         return [m for m in self._members if self._suspects.get(m, 0) < now]
+
+
+def _published_addrs(record: bytes) -> list[str]:
+    """The multiaddrs a membership record states (at most 16 strings, each under 512 characters)."""
+    try:
+        addrs = msgpack.unpackb(record, raw=False, max_str_len=4096, max_array_len=64, max_map_len=16)["addrs"]
+    except Exception:  # malformed: no addresses
+        return []
+    if not isinstance(addrs, list) or len(addrs) > 16:
+        return []
+    return [a for a in addrs if isinstance(a, str) and a.startswith("/") and len(a) < 512]
 
 
 def _published_rate(record: bytes) -> float | None:
