@@ -6,8 +6,10 @@
 ``serve`` prints ``{"addr": MULTIADDR}`` and answers every request with the
 number of bytes it received, until its standard input closes. ``send``
 connects, makes one small request (so the connection and the protocol
-negotiation are done), then times one request carrying ``--bytes`` bytes and
-prints ``{"bytes": N, "seconds": S, "echoed": N}``.
+negotiation are done), times ``--pings`` 1-byte requests (the transport's own
+round trip, which is all a message costs beside its bytes on an unloaded
+link), then one request carrying ``--bytes`` bytes, and prints
+``{"bytes": N, "seconds": S, "echoed": N, "round_trip_s": R}``.
 """
 
 from __future__ import annotations
@@ -50,10 +52,16 @@ async def send(args) -> None:
     try:
         peer = args.peer.split("/p2p/")[-1]
         await transport.request(peer, PROTOCOL, b"x", timeout=60)
+        trips = []
+        for _ in range(args.pings):
+            t0 = time.perf_counter()
+            await transport.request(peer, PROTOCOL, b"x", timeout=60)
+            trips.append(time.perf_counter() - t0)
         payload = bytes(args.bytes)
         t0 = time.perf_counter()
         echoed = int(await transport.request(peer, PROTOCOL, payload, timeout=600))
-        emit(bytes=args.bytes, seconds=time.perf_counter() - t0, echoed=echoed)
+        emit(bytes=args.bytes, seconds=time.perf_counter() - t0, echoed=echoed,
+             round_trip_s=sorted(trips)[len(trips) // 2] if trips else None)
     finally:
         await transport.stop()
 
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
     parser.add_argument("--peer", default="", help="the server's multiaddr (send)")
     parser.add_argument("--bytes", type=int, default=5_000_000, help="payload size (send)")
+    parser.add_argument("--pings", type=int, default=0, help="also time this many 1-byte requests (send): "
+                        "their median round trip is printed as round_trip_s")
     args = parser.parse_args(argv)
     if args.role == "send" and not args.peer:
         parser.error("send needs --peer MULTIADDR (what serve printed)")

@@ -3,7 +3,16 @@
 Every worker has one full-duplex link of ``bandwidth`` (bits/s) each way and
 ``latency`` (s) per message hop. An exchange is a list of sequential phases
 (see `lowcomm.sim.exchange`); a phase in which a worker sends ``s`` bytes and
-receives ``r`` bytes takes ``max(s, r) * 8 / bandwidth + latency``.
+receives ``r`` bytes takes ``max(s, r) * 8 / (bandwidth * efficiency) + latency``.
+``efficiency`` is the share of the link's rate that carries payload:
+`simulate` and `plan` use `TCP_EFFICIENCY`, the payload bytes of a full TCP
+segment over the bytes the link carries for it (1448 of 1514 with a 1500-byte
+MTU: IP and TCP headers with timestamps, and the Ethernet header that a
+token bucket counts). The network lab measured torch DDP's ring all-reduce
+at 0.94 to 0.96 of the link rate, where this gives 0.956.
+
+A swarm round first spends `MATCHMAKING_HOPS` hops of latency on
+matchmaking (the roster must reach every member before the exchange).
 
 Each worker has a virtual clock. Computing a step advances it by the step
 time. An exchange starts once every member of the group has sent its part
@@ -70,16 +79,24 @@ def format_bandwidth(bits_per_s: float) -> str:
     return f"{bits_per_s:.3g} bit/s"
 
 
+#: Payload share of a link's rate for bulk TCP: a 1448-byte segment (MSS of a
+#: 1500-byte MTU less 52 bytes of IP and TCP headers with timestamps) rides in
+#: a 1514-byte Ethernet frame.
+TCP_EFFICIENCY = 1448 / 1514
+
+
 @dataclass(frozen=True)
 class Network:
     """Per-worker link: ``bandwidth`` in bits/s each way, ``latency`` in seconds per hop."""
 
     bandwidth: float
     latency: float
+    efficiency: float = 1.0
 
     def transfer_time(self, phases: list[Phase]) -> float:
         """Seconds for an exchange given (bytes sent, bytes received) per phase."""
-        return sum(max(sent, received) * 8 / self.bandwidth + self.latency for sent, received in phases)
+        rate = self.bandwidth * self.efficiency
+        return sum(max(sent, received) * 8 / rate + self.latency for sent, received in phases)
 
 
 @dataclass
@@ -108,6 +125,16 @@ def exchange_phases(codec: Compressor, numel: int, n: int, member: int = 0) -> l
         return allgather_phases([wire_size(codec, numel)] * n, member)
     sizes = [wire_size(codec, hi - lo) for lo, hi in shard_bounds(numel, n)]
     return butterfly_phases([sizes] * n, sizes, member)
+
+
+#: Message hops of a swarm round before its exchange (`lowcomm.p2p.matchmaking`):
+#: the last member's JOIN reaches the leader, the closed roster comes back.
+MATCHMAKING_HOPS = 2
+
+
+def swarm_round(phases: list[Phase]) -> list[Phase]:
+    """A swarm round's phases: matchmaking's hops (latency, no payload), then the exchange's."""
+    return [(0, 0)] * MATCHMAKING_HOPS + phases if phases else []
 
 
 def settle(clock: WorkerClock, network: Network, transfers: list[Transfer], bytes_sent: int) -> float:
@@ -162,7 +189,7 @@ class NetworkModel:
         with self._lock:
             ready = max(self._sends[(key, round, p)] for p in result.participants)
         pipeline = self._pipelines.get(key)
-        transfers = pipeline(ready, len(result.participants)) if pipeline else [(ready, result.phases)]
+        transfers = pipeline(ready, len(result.participants)) if pipeline else [(ready, swarm_round(result.phases))]
         return settle(self.clocks[peer], self.network, transfers, result.bytes_sent)
 
     def wrap(self, averager, peer: str | None = None) -> TimedAverager:

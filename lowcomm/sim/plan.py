@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from lowcomm.optimizers.registry import SyncSchedule
-from lowcomm.sim.network import Network, WorkerClock, exchange_phases, settle
+from lowcomm.sim.network import TCP_EFFICIENCY, Network, WorkerClock, exchange_phases, settle, swarm_round
 from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BucketedAllReduce, bucket_numels, filled_buckets
 
 __all__ = ["bandwidth_for", "exchange_phases", "predict"]
@@ -34,7 +34,7 @@ def predict(schedule: SyncSchedule, step_time: float, network: Network, steps: i
     if schedule.overlap_backward:
         sizes = bucket_numels(param_numels) if param_numels else filled_buckets(sum(schedule.numels))
         buckets = BucketedAllReduce(sizes, backward_share * step_time, codec)
-    phases = {numel: exchange_phases(codec, numel, schedule.group) for numel in set(schedule.numels)}
+    phases = {numel: swarm_round(exchange_phases(codec, numel, schedule.group)) for numel in set(schedule.numels)}
     pending: list[tuple[int, float, int]] = []  # (needed at step, sent at, numel)
     for t in range(1, steps + 1):
         clock.now += step_time
@@ -57,7 +57,8 @@ def bandwidth_for(schedule: SyncSchedule, step_time: float, latency: float, step
     None if latency alone keeps it below (bisection on a log scale; the other
     arguments as `predict`'s)."""
     def util(bw: float) -> float:
-        return predict(schedule, step_time, Network(bw, latency), steps, backward_share, param_numels).utilization
+        return predict(schedule, step_time, Network(bw, latency, TCP_EFFICIENCY), steps, backward_share,
+                       param_numels).utilization
 
     lo, hi = 1.0, 1e15
     if util(hi) < target:

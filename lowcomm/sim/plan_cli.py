@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from lowcomm.config import ConfigError, OuterConfig, PlanConfig, SimulateConfig, parse_count
 from lowcomm.sim import plan
-from lowcomm.sim.network import NetworkSpecError, format_bandwidth, parse_duration
+from lowcomm.sim.network import NetworkSpecError, format_bandwidth, parse_duration, swarm_round
 from lowcomm.optimizers.registry import get_algorithm
 from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE
 from lowcomm.sim.simulate import backward_share_given, network_of, note_ignored, validate
@@ -51,7 +51,7 @@ def run_plan(cfg: PlanConfig, console: Console) -> list[dict]:
         rows.append({"algorithm": alg, "utilization": clock.utilization, "bandwidth_for_95pct_bps": need,
                      "bytes_per_exchange": one})
         table.add_row(alg, str(sched.every), codec.name, f"{one / 1e6:,.2f} MB",
-                      f"{network.transfer_time(phases):.3f} s", f"{clock.utilization:.3f}",
+                      f"{network.transfer_time(phases if sched.overlap_backward else swarm_round(phases)):.3f} s", f"{clock.utilization:.3f}",
                       format_bandwidth(need) if need else "unreachable (latency)")
     console.print(table)
     return rows

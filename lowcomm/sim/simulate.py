@@ -23,7 +23,7 @@ from rich.table import Table
 
 from lowcomm.config import ConfigError, SimulateConfig, check_aggregator
 from lowcomm.sim import plan, report
-from lowcomm.sim.network import Network, NetworkSpecError, parse_bandwidth, parse_duration
+from lowcomm.sim.network import TCP_EFFICIENCY, Network, NetworkSpecError, parse_bandwidth, parse_duration
 from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BackwardShareError, parse_backward_share
 from lowcomm.optimizers.registry import get_algorithm, settings_for
 from lowcomm.sim.runner import measure_step_time, run_algorithm
@@ -75,7 +75,7 @@ def network_of(cfg: SimulateConfig) -> Network:
         latency = parse_duration(cfg.latency)
     except NetworkSpecError as e:
         raise ConfigError("--latency", str(e)) from None
-    return Network(bandwidth, latency)
+    return Network(bandwidth, latency, TCP_EFFICIENCY)
 
 
 def step_time_of(cfg: SimulateConfig, task, lr: float) -> tuple[float, bool, float, bool]:

@@ -8,7 +8,7 @@ from lowcomm.compressors import encode, get_compressor
 from lowcomm.optimizers import DataParallel
 from lowcomm.sim import LocalSwarm
 from lowcomm.sim.network import (
-    Network, NetworkModel, NetworkSpecError, parse_bandwidth, parse_duration,
+    Network, NetworkModel, NetworkSpecError, parse_bandwidth, parse_duration, swarm_round,
 )
 from lowcomm.optimizers.registry import SyncSchedule
 from lowcomm.sim.plan import exchange_phases, predict
@@ -43,8 +43,9 @@ def test_ddp_step_time_is_bytes_over_bandwidth_plus_latency_per_hop():
 
     swarm.run(fn)
     shard = len(encode(get_compressor("none").compress(torch.zeros(500))))  # each member reduces 500 floats
-    # two hops (reduce-scatter, all-gather), each moving one shard each way
-    want = 2 * (shard * 8 / 8e6 + 0.01)
+    # matchmaking's two hops (JOIN, roster), then two phases (reduce-scatter, all-gather) each moving one
+    # shard each way
+    want = 2 * 0.01 + 2 * (shard * 8 / 8e6 + 0.01)
     for c in model.clocks.values():
         assert c.now == pytest.approx(0.5 + want, rel=1e-12)
         assert c.stall == pytest.approx(want, rel=1e-12)
@@ -64,18 +65,18 @@ def _exchange(model, key, sent_at, needed_at, phases):
 
 def test_transfer_shorter_than_overlap_does_not_stall():
     model = NetworkModel(Network(8e6, 0.5), ["a", "b"])
-    # 2 MB at 1 MB/s + 0.5 s latency = 2.5 s, hidden behind 3 s of compute
-    stalls = _exchange(model, "k", 1.0, 4.0, [(2_000_000, 2_000_000)])
+    # two matchmaking hops (1 s), then 2 MB at 1 MB/s + 0.5 s latency: 3.5 s, hidden behind 4 s of compute
+    stalls = _exchange(model, "k", 1.0, 5.0, [(2_000_000, 2_000_000)])
     assert stalls == [0.0, 0.0]
-    assert all(c.utilization == 1.0 and c.now == 4.0 for c in model.clocks.values())
+    assert all(c.utilization == 1.0 and c.now == 5.0 for c in model.clocks.values())
 
 
 def test_transfer_longer_than_overlap_stalls_by_the_difference():
     model = NetworkModel(Network(8e6, 0.5), ["a", "b"])
-    # 4 MB -> 4.5 s, only 3 s of compute to hide it: 1.5 s stall
+    # 1 s of matchmaking, 4 MB -> 4.5 s: 5.5 s, only 3 s of compute to hide it: 2.5 s stall
     stalls = _exchange(model, "k", 1.0, 4.0, [(4_000_000, 1_000_000)])
-    assert stalls == [pytest.approx(1.5), pytest.approx(1.5)]
-    assert all(c.now == pytest.approx(5.5) and c.utilization == pytest.approx(4.0 / 5.5)
+    assert stalls == [pytest.approx(2.5), pytest.approx(2.5)]
+    assert all(c.now == pytest.approx(6.5) and c.utilization == pytest.approx(4.0 / 6.5)
                for c in model.clocks.values())
 
 
@@ -93,8 +94,9 @@ def test_group_waits_for_its_latest_member():
 def test_streaming_schedule_stalls_exactly():
     codec = get_compressor("none")
     phases = exchange_phases(codec, 1000, 2)
-    net = Network(8e3, 0.1)  # 1 kB/s: about 4.3 s for the two hops
-    transfer = net.transfer_time(phases)
+    net = Network(8e3, 0.1)  # 1 kB/s: about 4.5 s for matchmaking's two hops and the exchange's two
+    transfer = net.transfer_time(swarm_round(phases))
+    assert transfer == pytest.approx(net.transfer_time(phases) + 0.2)
     assert 4 < transfer < 5
     # tau steps of 1 s each hide a transfer of `transfer` seconds iff tau >= transfer
     for tau in (1, 3, 5):

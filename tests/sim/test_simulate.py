@@ -11,7 +11,7 @@ import pytest
 from lowcomm.config import SimulateConfig
 from lowcomm.optimizers.registry import get_algorithm, settings_for
 from lowcomm.sim import plan
-from lowcomm.sim.network import Network
+from lowcomm.sim.network import TCP_EFFICIENCY, Network
 from lowcomm.sim.report import MEASURED_FIELDS
 from lowcomm.sim.simulate import simulate
 from rich.console import Console
@@ -75,7 +75,7 @@ def test_plan_agrees_with_simulate(tmp_path):
             if alg == "noloco":
                 numels = [2 * params]
         sched = get_algorithm(alg).schedule(s, params, 4, numels)
-        predicted = plan.predict(sched, 0.02, Network(2e6, 0.03), 60).utilization
+        predicted = plan.predict(sched, 0.02, Network(2e6, 0.03, TCP_EFFICIENCY), 60).utilization
         assert entry["compute_utilization"] < 1.0 or alg == "streaming"
         assert predicted == pytest.approx(entry["compute_utilization"], rel=2e-3), alg
 
@@ -88,7 +88,7 @@ def test_ddp_overlap_plan_agrees_with_simulate_and_changes_only_time(tmp_path):
 
     numels = [p.numel() for p in wide().make_model(0).parameters()]
     assert len(bucket_numels(numels)) == 2
-    net = Network(2e9, 1e-3)
+    net = Network(2e9, 1e-3, TCP_EFFICIENCY)
     out = {}
     for share in ("0.8", "0"):
         cfg = SimulateConfig(task="tests.sim.tinytask:wide", algorithms="ddp", steps=30, eval_every=30, workers=4,
