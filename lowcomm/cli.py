@@ -16,8 +16,6 @@ phases, sends that failed, deadlines.
 from __future__ import annotations
 
 import inspect
-import logging
-import os
 import sys
 from dataclasses import MISSING, fields
 from typing import Callable, Optional
@@ -131,13 +129,12 @@ def env() -> None:
 
 
 def main() -> None:
-    level = os.environ.get("LOWCOMM_LOG", "").upper()
-    if level:
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            err.print(f"LOWCOMM_LOG must be debug, info, warning or error, got {level.lower()!r}")
-            raise SystemExit(2)
-        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        logging.getLogger("lowcomm").setLevel(level)
+    from lowcomm.logs import configure_from_env
+
+    problem = configure_from_env()
+    if problem:
+        err.print(problem)
+        raise SystemExit(2)
     app()
 
 

@@ -6,12 +6,16 @@
 Each node is a network namespace on a bridge (`lowcomm.lab`), its link shaped
 both ways by a token bucket at ``--bandwidth`` (``--slow I=RATE`` gives node I
 another rate). Addresses are 198.18.0.0/15. This kernel has no ``netem``, so
-links add no latency, and the simulator is run with ``--latency 0ms``.
+links add no latency: the simulator is given the transport's own latency
+per message hop, half the median round trip of a 1-byte request that the
+script measures first (with one 5 MB transfer: the goodput of one flow).
 
 Per algorithm:
 
 - ``ddp``: torch's own DistributedDataParallel over gloo (`lowcomm.lab.ddp`),
   one rank per node: bucketed all-reduce overlapping the backward pass.
+- ``lowcomm-ddp``: lowcomm's `DataParallel` over the real swarm, beside it
+  (predicted as ``ddp``, whose model is torch's).
 - ``diloco``, ``streaming``, ``noloco``, ``sparseloco``: N real ``lowcomm join``
   nodes (``--backend``), started together (``--wait-for N``), each writing its
   per-round metrics (``--log-to jsonl:...``).
@@ -78,29 +82,57 @@ def wait_all(procs: list[subprocess.Popen], timeout: float, what: str) -> list[i
     return codes
 
 
-def run_ddp(lab: NetLab, args, run_dir: Path) -> dict:
-    """torch DDP over gloo, one rank per node."""
+def probe_link(lab: NetLab, args) -> dict:
+    """One 5 MB request from node 1 to node 0 through the real transport, and
+    the median of 50 one-byte round trips: the link's goodput for one flow and
+    the transport's own latency per message hop (half a round trip)."""
+    probe = [sys.executable, "-m", "lowcomm.lab.probe"]
+    server = lab.popen(0, [*probe, "serve", "--backend", args.backend, "--listen", f"/ip4/{lab.addr(0)}/tcp/0"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=node_env())
+    try:
+        addr = json.loads(server.stdout.readline())["addr"]
+        sender = lab.popen(1, [*probe, "send", "--backend", args.backend, "--peer", addr, "--bytes", "5000000",
+                               "--pings", "50", "--listen", f"/ip4/{lab.addr(1)}/tcp/0"],
+                           stdout=subprocess.PIPE, text=True, env=node_env())
+        out, _ = sender.communicate(timeout=300)
+        result = json.loads(out.strip().splitlines()[-1])
+    finally:
+        server.stdin.close()
+        server.wait(60)
+    return {"goodput_bps": result["bytes"] * 8 / result["seconds"], "round_trip_s": result["round_trip_s"]}
+
+
+def run_ddp(lab: NetLab, args, run_dir: Path, impl: str = "torch") -> dict:
+    """Data-parallel training, one rank per node: torch DDP over gloo, or
+    lowcomm's DataParallel over the swarm (``impl="lowcomm"``)."""
     n = len(lab.bandwidths)
+    name = "ddp" if impl == "torch" else "lowcomm-ddp"
+    rendezvous = run_dir / f"{name}.addr"
+    rendezvous.unlink(missing_ok=True)
     before = [interface_bytes(lab, i) for i in range(n)]
     procs = []
     for r in range(n):
-        log = open(run_dir / f"ddp-rank{r}.log", "w")
+        log = open(run_dir / f"{name}-rank{r}.log", "w")
+        port = 29500 if impl == "torch" else PORT
         procs.append(lab.popen(r, [sys.executable, "-m", "lowcomm.lab.ddp", "--rank", str(r), "--world", str(n),
-                                   "--master", f"{lab.addr(0)}:29500", "--task", args.task,
-                                   "--steps", str(args.steps), "--out", str(run_dir / f"ddp-rank{r}.json")],
+                                   "--master", f"{lab.addr(0)}:{port}", "--task", args.task, "--impl", impl,
+                                   "--backend", args.backend, "--rendezvous", str(rendezvous),
+                                   "--ifaddr", lab.addr(r), "--steps", str(args.steps),
+                                   "--out", str(run_dir / f"{name}-rank{r}.json")],
                                stdout=log, stderr=subprocess.STDOUT, env=node_env()))
-    codes = wait_all(procs, args.timeout, "torch DDP")
+    codes = wait_all(procs, args.timeout, name)
     if any(codes):
-        raise LabError(f"a torch DDP rank failed (exit codes {codes}); see {run_dir}/ddp-rank*.log")
+        raise LabError(f"a {name} rank failed (exit codes {codes}); see {run_dir}/{name}-rank*.log")
     after = [interface_bytes(lab, i) for i in range(n)]
     nodes = []
     for r in range(n):
-        d = json.loads((run_dir / f"ddp-rank{r}.json").read_text())
+        d = json.loads((run_dir / f"{name}-rank{r}.json").read_text())
         compute = d["compute_step_s"] * d["steps"]
         nodes.append({"node": r, "wall_s": d["wall_s"], "compute_s": compute, "wait_s": d["wall_s"] - compute,
                       "compute_step_s": d["compute_step_s"], "backward_share": d["backward_share"],
                       "wire_sent": after[r][0] - before[r][0], "wire_received": after[r][1] - before[r][1],
-                      "bytes_sent": None, "round_s": median(d["step_s"]), "participants": n,
+                      "bytes_sent": d.get("bytes_sent"), "round_s": median(d["step_s"]),
+                      "participants": d.get("participants", n),
                       "final_loss": d["final_loss"]})
     return {"nodes": nodes}
 
@@ -161,12 +193,12 @@ def run_join(lab: NetLab, algorithm: str, args, run_dir: Path) -> dict:
     return {"nodes": nodes}
 
 
-def simulate(algorithm: str, args, step_time: float, backward_share: float | None, run_dir: Path) -> dict:
+def simulate(algorithm: str, args, step_time: float, backward_share: float | None, latency: float,
+             run_dir: Path, name: str) -> dict:
     """`lowcomm simulate`'s prediction for the lab's run, at the lab's measured step time."""
-    name = f"sim-{algorithm}"
     argv = [sys.executable, "-m", "lowcomm", "simulate", "--task", args.task, "--workers", str(args.nodes),
             "--steps", str(args.steps), "--algorithms", algorithm, "--bandwidth", args.bandwidth,
-            "--latency", "0ms", "--step-time", f"{step_time * 1e3:.3f}ms", "--out", str(run_dir),
+            "--latency", f"{latency * 1e3:.3f}ms", "--step-time", f"{step_time * 1e3:.3f}ms", "--out", str(run_dir),
             "--name", name, "--no-progress"]
     if args.sync_every:
         argv += ["--sync-every", str(args.sync_every)]
@@ -198,7 +230,8 @@ def main() -> None:
     parser.add_argument("--slow", action="append", default=[], metavar="I=RATE",
                         help="node I gets RATE instead (repeatable), e.g. --slow 3=2Mbit")
     parser.add_argument("--algorithms", default="ddp,diloco,streaming",
-                        help=f"comma-separated: ddp (torch DDP), {', '.join(JOIN_ALGORITHMS)}")
+                        help=f"comma-separated: ddp (torch DDP over gloo), lowcomm-ddp (lowcomm's DataParallel over "
+                        f"the swarm), {', '.join(JOIN_ALGORITHMS)}")
     parser.add_argument("--backend", default="hivemind", choices=["hivemind", "libp2p"])
     parser.add_argument("--task", default="tinylm", help="a built-in task or module:function (default tinylm)")
     parser.add_argument("--steps", type=int, default=100, help="inner steps per node (default 100)")
@@ -212,9 +245,10 @@ def main() -> None:
         print(f"wanlab: {problem}", file=sys.stderr)
         raise SystemExit(2)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = [a for a in algorithms if a not in ("ddp", *JOIN_ALGORITHMS)]
+    unknown = [a for a in algorithms if a not in ("ddp", "lowcomm-ddp", *JOIN_ALGORITHMS)]
     if unknown:
-        raise SystemExit(f"unknown algorithm {unknown[0]!r}; choose from ddp, {', '.join(JOIN_ALGORITHMS)}")
+        raise SystemExit(f"unknown algorithm {unknown[0]!r}; choose from ddp, lowcomm-ddp, "
+                         f"{', '.join(JOIN_ALGORITHMS)}")
     try:
         rate = parse_bandwidth(args.bandwidth)
     except NetworkSpecError as e:
@@ -237,10 +271,17 @@ def main() -> None:
           f"latency; {args.task}, {args.steps} steps; logs in {run_dir}", flush=True)
     try:
         with NetLab(rates) as lab:
+            link = probe_link(lab, args)
+            results["link"] = link
+            print(f"  link check: one flow moves {link['goodput_bps'] / 1e6:.2f} Mbit/s of payload from node 1 to "
+                  f"node 0; a 1-byte request takes {link['round_trip_s'] * 1e3:.2f} ms there and back", flush=True)
             for algorithm in algorithms:
                 t0 = time.monotonic()
                 print(f"  {algorithm}: running {args.nodes} nodes ...", flush=True)
-                run = run_ddp(lab, args, run_dir) if algorithm == "ddp" else run_join(lab, algorithm, args, run_dir)
+                if algorithm in ("ddp", "lowcomm-ddp"):
+                    run = run_ddp(lab, args, run_dir, "torch" if algorithm == "ddp" else "lowcomm")
+                else:
+                    run = run_join(lab, algorithm, args, run_dir)
                 print(f"  {algorithm}: done in {time.monotonic() - t0:.0f} s", flush=True)
                 results["algorithms"][algorithm] = run
     except KeyboardInterrupt:
@@ -255,11 +296,13 @@ def main() -> None:
         nodes = run["nodes"]
         step_time = median(n["compute_step_s"] for n in nodes)
         share = median(n["backward_share"] for n in nodes) if algorithm == "ddp" else None
+        sim_algorithm = "ddp" if algorithm == "lowcomm-ddp" else algorithm
         run["measured"] = {"wall_s": mean(n["wall_s"] for n in nodes),
                            "compute_utilization": mean(n["compute_s"] / n["wall_s"] for n in nodes),
                            "step_time_s": step_time}
         if homogeneous:
-            sim = simulate(algorithm, args, step_time, share, run_dir)
+            sim = simulate(sim_algorithm, args, step_time, share, results["link"]["round_trip_s"] / 2, run_dir,
+                           f"sim-{algorithm}")
             run["predicted"] = {"wall_s": sim["predicted_wall_clock_s"],
                                 "compute_utilization": sim["compute_utilization"]}
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -277,7 +320,8 @@ def print_tables(results: dict) -> None:
         m, p = run["measured"], run.get("predicted")
         pred = (f"{p['wall_s']:.1f} s | {p['wall_s'] / m['wall_s']:.3f} | {m['compute_utilization']:.3f} | "
                 f"{p['compute_utilization']:.3f}") if p else "n/a | n/a | " + f"{m['compute_utilization']:.3f} | n/a"
-        name = "ddp (torch DDP, gloo)" if algorithm == "ddp" else algorithm
+        name = {"ddp": "ddp (torch DDP, gloo)", "lowcomm-ddp": "ddp (lowcomm DataParallel, swarm)"}.get(
+            algorithm, algorithm)
         print(f"| {name} | {m['wall_s']:.1f} s | {pred} | {m['step_time_s'] * 1e3:.0f} ms |")
     print("\nper node:\n")
     print("| algorithm | node | wall | compute | waiting | sent (lowcomm) | sent (wire) | received (wire) "
