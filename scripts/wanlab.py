@@ -26,7 +26,11 @@ compute time, time blocked waiting for averaging, bytes sent and received
 per round. Then ``lowcomm simulate`` with the same task, workers, steps, H,
 codec and bandwidth, and the step time (and backward share) the lab
 measured, predicts the wall clock and compute utilisation; the script prints
-both and their ratio. Results go to ``--out`` as JSON.
+both and their ratio. The lab's nodes share this machine's cores and compute
+at somewhat different speeds, while the simulator's workers are alike: a
+synchronous swarm goes at the pace of its slowest member, so the simulator
+gets the slowest node's step time, and its predicted utilisation is set
+beside that node's. Results go to ``--out`` as JSON.
 
 Needs root and network namespaces; without them it says so in one line and
 exits 2. Everything it makes is removed on exit, on Ctrl+C and on failure.
@@ -294,12 +298,18 @@ def main() -> None:
     homogeneous = len(set(rates)) == 1
     for algorithm, run in results["algorithms"].items():
         nodes = run["nodes"]
-        step_time = median(n["compute_step_s"] for n in nodes)
+        # the simulator's workers are alike; the lab's share two cores and are not: a synchronous swarm goes
+        # at its slowest member's pace, so the simulator gets that node's step time, and its utilisation is
+        # compared with that node's
+        pacer = max(nodes, key=lambda n: n["compute_step_s"])
+        step_time = pacer["compute_step_s"]
         share = median(n["backward_share"] for n in nodes) if algorithm == "ddp" else None
         sim_algorithm = "ddp" if algorithm == "lowcomm-ddp" else algorithm
         run["measured"] = {"wall_s": mean(n["wall_s"] for n in nodes),
-                           "compute_utilization": mean(n["compute_s"] / n["wall_s"] for n in nodes),
-                           "step_time_s": step_time}
+                           "compute_utilization": pacer["compute_s"] / pacer["wall_s"],
+                           "mean_compute_utilization": mean(n["compute_s"] / n["wall_s"] for n in nodes),
+                           "step_time_s": step_time, "step_time_spread": step_time / min(n["compute_step_s"]
+                                                                                        for n in nodes)}
         if homogeneous:
             sim = simulate(sim_algorithm, args, step_time, share, results["link"]["round_trip_s"] / 2, run_dir,
                            f"sim-{algorithm}")
@@ -313,8 +323,8 @@ def main() -> None:
 def print_tables(results: dict) -> None:
     print(f"\n{results['nodes']} nodes at {results['bandwidth']} ({results['backend']}, {results['task']}, "
           f"{results['steps']} steps; {results['date']}, {results['machine']})\n")
-    print("| algorithm | measured wall | predicted wall | predicted / measured | measured util | predicted util "
-          "| step time (lab) |")
+    print("| algorithm | measured wall | predicted wall | predicted / measured | measured util (slowest node) "
+          "| predicted util | step time (slowest node) |")
     print("|---|---|---|---|---|---|---|")
     for algorithm, run in results["algorithms"].items():
         m, p = run["measured"], run.get("predicted")

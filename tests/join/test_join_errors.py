@@ -172,3 +172,15 @@ def test_a_bad_aggregator_is_one_line(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2 and "--aggregator" in r.stderr and "trimmed_mean" in r.stderr
+
+
+def test_a_negative_wait_for_is_one_line(tmp_path):
+    line = one_error_line(join("--wait-for", "-1", "--checkpoint-dir", str(tmp_path), cwd=tmp_path))
+    assert "--wait-for" in line and "must be >= 0, got -1" in line
+
+
+def test_a_bad_log_level_is_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300", "LOWCOMM_LOG": "loud"}
+    r = subprocess.run([sys.executable, "-m", "lowcomm", "join", "--help"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert one_error_line(r) == "LOWCOMM_LOG must be debug, info, warning or error, got 'loud'"

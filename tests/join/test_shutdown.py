@@ -1,4 +1,5 @@
-"""A node stopped as a user stops it prints no traceback, on both backends.
+"""A node stopped as a user stops it prints no traceback, on both backends
+(and a node started with --wait-for trains only once the swarm has that many nodes).
 
 A Ctrl+C in a terminal goes to the whole foreground process group, and
 ``kill -TERM -PGID`` (or a process supervisor) too: the signal reaches the
@@ -58,7 +59,7 @@ class GroupNode:
 @pytest.mark.parametrize("backend", ["hivemind", "libp2p"])
 def test_ctrl_c_and_group_sigterm_print_no_traceback(tmp_path, backend):
     args = [*TASK, "--backend", backend]
-    first = GroupNode(tmp_path, "a", *args)
+    first = GroupNode(tmp_path, "a", *args, "--wait-for", "2")  # trains only once the second node is in
     nodes = [first]
     try:
         line = wait_until(lambda: next((ln for ln in first.text().splitlines() if "lowcomm join --peers" in ln),
@@ -73,6 +74,11 @@ def test_ctrl_c_and_group_sigterm_print_no_traceback(tmp_path, backend):
         for node in nodes:
             node.kill()
     assert codes == [0, 0], [n.text()[-2000:] for n in nodes]
+    lines = first.text().splitlines()
+    waited = lines.index("waiting for 2 nodes: 1 in the swarm")
+    started = lines.index("2 nodes in the swarm: starting")
+    first_round = next(i for i, ln in enumerate(lines) if STATUS.search(ln))
+    assert waited < started < first_round
     for node in nodes:
         out = node.text()
         assert "stopping: leaving the current round" in out
