@@ -28,33 +28,40 @@ import json
 import os
 import time
 from pathlib import Path
-from statistics import median
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lowcomm.sim.runner import measure_step_time
 from lowcomm.tasks import load_task
 
 
 def measure_compute(task, seed: int, lr: float, data, steps: int) -> tuple[float, float]:
     """(median wall seconds of one step, median backward share) on a plain model copy."""
-    model = task.make_model(seed)
-    inner = task.make_inner(model, lr)
-    totals, shares = [], []
+    return measure_step_time(task, seed, lr, steps, clock=time.perf_counter, data=data)
+
+
+def train(task, forward, opt, data, steps: int) -> tuple[float, list[float], float]:
+    """``steps`` steps (``forward`` the module the loss calls, ``opt`` stepped
+    after each backward pass): (wall seconds, seconds per step, last loss)."""
+    times, loss = [], None
+    start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        loss = task.loss(model, next(data))
-        t1 = time.perf_counter()
+        loss = task.loss(forward, next(data))
         loss.backward()
-        t2 = time.perf_counter()
-        inner.step()
-        inner.zero_grad()
-        total = time.perf_counter() - t0
-        totals.append(total)
-        shares.append((t2 - t1) / total)
-    warm = 2 if steps > 4 else 0
-    return median(totals[warm:]), median(shares[warm:])
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return time.perf_counter() - start, times, float(loss.item())
+
+
+def result_of(args, wall: float, times: list[float], loss: float, compute_s: float, backward_share: float,
+              **extra) -> dict:
+    return {"rank": args.rank, "world": args.world, "task": args.task, "steps": args.steps, "wall_s": wall,
+            "step_s": times, "compute_step_s": compute_s, "backward_share": backward_share, "final_loss": loss,
+            **extra}
 
 
 def run_lowcomm(args) -> None:
@@ -84,20 +91,10 @@ def run_lowcomm(args) -> None:
         compute_s, backward_share = measure_compute(task, args.seed, lr, data, args.measure_steps)
         model = task.make_model(args.seed)
         opt = DataParallel(model.parameters(), task.make_inner(model, lr), swarm)
-        steps, loss = [], None
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            loss = task.loss(model, next(data))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            steps.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - start
-        result = {"rank": args.rank, "world": args.world, "task": args.task, "steps": args.steps, "wall_s": wall,
-                  "step_s": steps, "compute_step_s": compute_s, "backward_share": backward_share,
-                  "final_loss": float(loss.item()), "bytes_sent": opt.stats.bytes_sent,
-                  "participants": opt.stats.last_group_size, "rounds_not_averaged": opt.stats.rounds_not_averaged}
+        wall, times, loss = train(task, model, opt, data, args.steps)
+        result = result_of(args, wall, times, loss, compute_s, backward_share, bytes_sent=opt.stats.bytes_sent,
+                           participants=opt.stats.last_group_size,
+                           rounds_not_averaged=opt.stats.rounds_not_averaged)
         with open(args.out, "w") as f:
             json.dump(result, f)
         # nobody leaves while another still averages: wait until every rank wrote its result
@@ -148,21 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         ddp = DistributedDataParallel(model)
         inner = task.make_inner(model, lr)
         dist.barrier()
-        steps, loss = [], None
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            loss = task.loss(ddp, next(data))
-            loss.backward()
-            inner.step()
-            inner.zero_grad()
-            steps.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - start
-        numel = sum(p.numel() for p in model.parameters())
-        result = {"rank": args.rank, "world": args.world, "task": args.task, "steps": args.steps, "wall_s": wall,
-                  "step_s": steps, "compute_step_s": compute_s, "backward_share": backward_share,
-                  "final_loss": float(loss.item()), "params": numel,
-                  "param_numels": [p.numel() for p in model.parameters()]}
+        wall, times, loss = train(task, ddp, inner, data, args.steps)
+        result = result_of(args, wall, times, loss, compute_s, backward_share,
+                           param_numels=[p.numel() for p in model.parameters()])
         with open(args.out, "w") as f:
             json.dump(result, f)
         dist.barrier()  # nobody leaves while another still all-reduces

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,24 +42,27 @@ def lr_lambda(schedule: str, steps: int) -> Callable[[int], float]:
     return cosine
 
 
-def measure_step_time(task: Task, seed: int, lr: float, steps: int = 8) -> tuple[float, float]:
+def measure_step_time(task: Task, seed: int, lr: float, steps: int = 8, clock=time.thread_time,
+                      data: Iterator | None = None) -> tuple[float, float]:
     """(seconds, backward share) of one inner step on one core: the median
     thread CPU seconds of a whole step (batch, forward and loss, backward,
     AdamW step), and the median share of it the backward pass took (timed
-    separately on the same steps; the first two steps are warm-up)."""
+    separately on the same steps; the first two steps are warm-up). ``clock``
+    (e.g. `time.perf_counter`, wall time as a busy machine gives it) and
+    ``data`` (batches; default the task's first shard) may be given."""
     model = task.make_model(seed)
     opt = task.make_inner(model, lr)
-    data = task.batches(0, 1, seed)
+    data = data if data is not None else task.batches(0, 1, seed)
     totals, shares = [], []
     for _ in range(steps):
-        t0 = time.thread_time()
+        t0 = clock()
         loss = task.loss(model, next(data))
-        t1 = time.thread_time()
+        t1 = clock()
         loss.backward()
-        t2 = time.thread_time()
+        t2 = clock()
         opt.step()
         opt.zero_grad()
-        total = time.thread_time() - t0
+        total = clock() - t0
         totals.append(total)
         shares.append((t2 - t1) / total if total > 0 else 0.0)
     return median(totals[2:]), median(shares[2:])
