@@ -6,7 +6,7 @@ averaged alone while other members are live. Then, unless it is stopping or
 alone in the swarm, it catches up: it downloads a peer's shared state (global
 weights, outer optimizer state, round and step; `JoinProtocol.fetch_state`)
 and adopts it. At start a node takes a peer's state only when it is further
-along than the node's own checkpoint.
+along than the node's own checkpoint, or as far: then the swarm's state wins.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ def out_of_sync(stats: Stats, not_averaged_before: int, members: int) -> bool:
     return stats.rounds_not_averaged > not_averaged_before or (stats.last_group_size < 2 and members > 1)
 
 
+def take_at_start(peer_step: int, checkpoint_step: int | None) -> bool:
+    """Whether a starting node adopts a peer's state at ``peer_step`` rather than
+    its own checkpoint at ``checkpoint_step`` (None: no checkpoint): when the peer
+    is not behind. At an equal step the swarm's state wins: a node stopped during
+    a round checkpoints the global weights of a round it did not average (its
+    own), while the others averaged that round to the same step; a node that was
+    in step holds the same state as the peer, so adopting it changes nothing."""
+    return checkpoint_step is None or peer_step >= checkpoint_step
+
+
 class CatchUp:
     """The catch-up policy of one node (see the module docstring)."""
 
@@ -40,8 +50,8 @@ class CatchUp:
 
     def at_start(self, checkpoint_step: int | None, have_peers: bool) -> None:
         """Before training: with bootstrap peers, wait (30 s at most) for another
-        member and adopt its state if it is ahead of ``checkpoint_step`` (None: no
-        checkpoint)."""
+        member and adopt its state unless it is behind ``checkpoint_step`` (None: no
+        checkpoint; see `take_at_start`)."""
         if have_peers:
             try:
                 self.swarm.wait_for_members(2, timeout=30)
@@ -49,7 +59,7 @@ class CatchUp:
                 self.console.print("[yellow]no other member visible yet; starting on my own[/]")
             else:
                 fetched = self.protocol.fetch_state()  # one download: its step decides, and it is what we load
-                if fetched is not None and (checkpoint_step is None or fetched.step > checkpoint_step):
+                if fetched is not None and take_at_start(fetched.step, checkpoint_step):
                     self.catch_up(fetched)
         self._not_averaged = self.opt.stats.rounds_not_averaged
 
