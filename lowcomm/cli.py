@@ -61,7 +61,7 @@ def command_from(cls, name: str, run: Callable, help: str) -> None:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default) if f.default is not MISSING else str
-        text = f"{f.metadata.get('help', '')} [default: {f.default!r}]"
+        text = escape(f"{f.metadata.get('help', '')} [default: {f.default!r}]")  # help is rich markup
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if kind is bool else [flag]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
                                         default=typer.Option(None, *decls, help=text, show_default=False)))

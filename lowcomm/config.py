@@ -154,6 +154,16 @@ class SimulateConfig(OuterConfig):
     name: str = opt("", "Run name; results go to <out>/<name> (empty: simulate-<seed>).")
     out: str = opt("runs", "Folder for run outputs.")
     progress: bool = opt(True, "Show a progress bar.")
+    log_to: str = opt("", "Metrics for another program, to comma-separated KIND:ARG (empty: nowhere): "
+                      "jsonl:PATH appends JSON lines to PATH; tensorboard:DIR writes TensorBoard scalars, each "
+                      "algorithm in DIR/<algorithm> (pip install 'lowcomm[tensorboard]'); wandb:PROJECT (bare "
+                      "wandb: project lowcomm) logs to an offline Weights & Biases run per algorithm unless "
+                      "WANDB_MODE says otherwise (pip install 'lowcomm[wandb]'); lowcomm.metrics has the tags. "
+                      "Records: worker 0's, one per outer round (ddp, dgc: per step), with algorithm, t (virtual "
+                      "seconds), step, round, participants, loss, bytes_sent, bytes_received, compute_s, wait_s; "
+                      "after each algorithm, per evaluation, an 'eval' event with eval_loss, the mean over "
+                      "workers (as in metrics.jsonl). PATH and DIR are relative to the working directory, not "
+                      "the run folder.")
 
     def algorithm_list(self) -> list[str]:
         return algorithm_names(self.algorithms)
@@ -212,10 +222,13 @@ class JoinConfig(OuterConfig):
     allow: str = opt("", "Peer ids allowed in the swarm, comma- or space-separated (empty: any peer); "
                      "requests from other peers are refused. A node's peer id is printed when it starts.")
     log_to: str = opt("", "Metrics for another program, one record per outer round plus a start and a stop "
-                      "record: jsonl:PATH appends them to PATH as JSON lines, flushed each line (empty: "
-                      "nowhere). Keys: t, step, round, participants, members, excluded, loss, tokens_per_s, "
-                      "bytes_sent, bytes_received, round_s, compute_s, wait_s (seconds and bytes since this "
-                      "node started training).")
+                      "record, to comma-separated KIND:ARG (empty: nowhere): jsonl:PATH appends them to PATH as "
+                      "JSON lines, flushed each line; tensorboard:DIR writes TensorBoard scalars (pip install "
+                      "'lowcomm[tensorboard]'); wandb:PROJECT (bare wandb: project lowcomm) logs to an offline "
+                      "Weights & Biases run unless WANDB_MODE says otherwise (pip install 'lowcomm[wandb]'). "
+                      "Keys: t, step, round, participants, members, excluded, loss, tokens_per_s, bytes_sent, "
+                      "bytes_received, round_s, compute_s, wait_s (seconds and bytes since this node started "
+                      "training); start and stop add eval_loss.")
 
     def peer_list(self) -> list[str]:
         return _words(self.peers)

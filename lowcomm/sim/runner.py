@@ -20,7 +20,7 @@ import torch
 from lowcomm.config import ConfigError, SimulateConfig
 from lowcomm.optimizers import DiLoCo
 from lowcomm.optimizers.registry import Settings, build_optimizer, get_algorithm
-from lowcomm.sim.network import Network, NetworkModel
+from lowcomm.sim.network import Network, NetworkModel, WorkerClock
 from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BucketedAllReduce, bucket_numels
 from lowcomm.sim.swarm import LocalSwarm
 from lowcomm.tasks import Task
@@ -94,14 +94,28 @@ class AlgorithmRun:
     params: int = 0
 
 
+def round_record(algorithm: str, step: int, train_loss: float, stats, clock: WorkerClock) -> dict:
+    """A worker's ``--log-to`` record after an outer round (`lowcomm.metrics`; the
+    keys of `lowcomm join`'s where they mean the same): ``t`` (virtual seconds),
+    ``round`` (its outer rounds so far), ``participants`` (its last group), ``loss``
+    (of its last batch), wire bytes, ``compute_s`` and ``wait_s`` (virtual seconds
+    of compute and of stalls on exchanges), all since the start."""
+    return {"algorithm": algorithm, "t": clock.now, "step": step, "round": stats.outer_rounds,
+            "participants": stats.last_group_size, "loss": train_loss, "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received, "compute_s": clock.compute, "wait_s": clock.stall}
+
+
 def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: int, step_time: float,
                   network: Network, on_step: Callable[[int], None] | None = None,
                   on_round: Callable[[str], None] | None = None,
-                  backward_share: float = DEFAULT_BACKWARD_SHARE) -> AlgorithmRun:
+                  backward_share: float = DEFAULT_BACKWARD_SHARE,
+                  on_record: Callable[[dict], None] | None = None) -> AlgorithmRun:
     """Train ``settings.algorithm`` for ``steps`` inner steps on every worker.
     ``backward_share``: the share of each ``step_time`` that is the backward
     pass, during which ddp already all-reduces its gradient buckets
-    (`lowcomm.sim.overlap`)."""
+    (`lowcomm.sim.overlap`). ``on_round`` gets worker 0's status line after each
+    of its outer rounds (outer algorithms only), ``on_record`` its `round_record`
+    after each of its rounds (ddp and dgc: every step)."""
     n = cfg.workers
     swarm = LocalSwarm(n, seed=cfg.seed, run_id=settings.algorithm, aggregator=cfg.aggregator)
     net = NetworkModel(network, [swarm.peer_id(r) for r in range(n)])
@@ -146,11 +160,14 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
             if step in points:
                 rows.append((step, task.evaluate(model), train_loss, opt.stats.bytes_sent, opt.stats.bytes_received,
                              opt.stats.outer_rounds, clock.now, clock.utilization))
-            if rank == 0 and on_round and spec.periodic and opt.stats.outer_rounds > rounds_seen:
+            if rank == 0 and opt.stats.outer_rounds > rounds_seen:
                 rounds_seen = opt.stats.outer_rounds
-                on_round(f"{settings.algorithm:>9} round {rounds_seen:3d}  step {step:5d}  train loss {train_loss:.4f}  "
-                         f"sent {opt.stats.bytes_sent / 1e6:8.3f} MB  group {opt.stats.last_group_size}  "
-                         f"virtual {clock.now:8.2f} s")
+                if on_record:
+                    on_record(round_record(settings.algorithm, step, train_loss, opt.stats, clock))
+                if on_round and spec.periodic:
+                    on_round(f"{settings.algorithm:>9} round {rounds_seen:3d}  step {step:5d}  "
+                             f"train loss {train_loss:.4f}  sent {opt.stats.bytes_sent / 1e6:8.3f} MB  "
+                             f"group {opt.stats.last_group_size}  virtual {clock.now:8.2f} s")
         return rows
 
     per_worker = swarm.run(worker)

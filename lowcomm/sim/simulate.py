@@ -4,7 +4,13 @@
     lowcomm simulate --workers 16 --bandwidth 100Mbit --algorithms diloco,streaming
 
 Writes ``<out>/<name>/`` with config.json, metrics.jsonl, summary.json,
-summary.md and loss.png.
+summary.md and loss.png. ``--log-to`` (`lowcomm.metrics`: jsonl, tensorboard,
+wandb) gets worker 0's `lowcomm.sim.runner.round_record` after each of its
+rounds and, after each algorithm, one ``eval`` event per evaluation
+(`eval_records`); every record names its algorithm, so TensorBoard and W&B
+keep one run per algorithm:
+
+    lowcomm simulate --algorithms ddp,diloco --log-to tensorboard:tb && tensorboard --logdir tb
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lowcomm.config import ConfigError, SimulateConfig, check_aggregator
+from lowcomm.metrics import open_sinks, parse_sinks
 from lowcomm.sim import plan, report
 from lowcomm.sim.network import TCP_EFFICIENCY, Network, NetworkSpecError, parse_bandwidth, parse_duration
 from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BackwardShareError, parse_backward_share
 from lowcomm.optimizers.registry import get_algorithm, settings_for
-from lowcomm.sim.runner import measure_step_time, run_algorithm
+from lowcomm.sim.runner import AlgorithmRun, measure_step_time, run_algorithm
 from lowcomm.tasks.base import TaskError, check_shards, load_task
 
 
@@ -47,6 +54,7 @@ def validate(cfg: SimulateConfig) -> None:
     check_aggregator(cfg.aggregator)
     cfg.algorithm_list()
     backward_share_given(cfg.backward_share)
+    parse_sinks(cfg.log_to, "--log-to")
 
 
 def backward_share_given(text: str) -> float | None:
@@ -96,6 +104,14 @@ def step_time_of(cfg: SimulateConfig, task, lr: float) -> tuple[float, bool, flo
     return value, False, DEFAULT_BACKWARD_SHARE if share is None else share, False
 
 
+def eval_records(run: AlgorithmRun) -> list[dict]:
+    """The ``--log-to`` records of ``run``'s evaluations: ``event`` "eval",
+    ``algorithm``, ``step``, ``tokens`` (all workers) and ``eval_loss`` (the mean
+    over workers, as metrics.jsonl)."""
+    return [{"event": "eval", "algorithm": r.algorithm, "step": r.step, "tokens": r.tokens, "eval_loss": r.eval_loss}
+            for r in run.records]
+
+
 def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     """Run every algorithm of ``cfg``; returns the run folder."""
     console = console or Console()
@@ -119,6 +135,7 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
         note_ignored(get_algorithm(a), cfg.outer_options(), console)
     settings = [settings_for(a, cfg.outer_options()) for a in algorithms]
 
+    metrics = open_sinks(cfg.log_to, "--log-to")  # closed in the finally below, whatever fails
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -137,9 +154,12 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
                 runs.append(run_algorithm(cfg, task, s, steps, step_time, network,
                                           on_step=lambda k, job=job: bar.advance(job, k),
                                           on_round=lambda line: bar.console.print(line),
-                                          backward_share=backward_share))
+                                          backward_share=backward_share, on_record=metrics.write))
+                for record in eval_records(runs[-1]):
+                    metrics.write(record)
     finally:
         torch.set_num_threads(threads)
+        metrics.close()
 
     bandwidth_95 = {}
     for run in runs:

@@ -45,4 +45,4 @@ def test_a_bad_log_to_is_a_config_error_before_anything_starts(tmp_path):
     cfg = JoinConfig(task="tests.sim.tinytask:task", log_to="csv:m.csv", checkpoint_dir=str(tmp_path))
     with pytest.raises(ConfigError) as e:
         Node(cfg, Console(file=io.StringIO()))._validate()
-    assert str(e.value) == "--log-to: unknown sink kind 'csv' in 'csv:m.csv'; kinds: jsonl"
+    assert str(e.value) == "--log-to: unknown sink kind 'csv' in 'csv:m.csv'; kinds: jsonl, tensorboard, wandb"
