@@ -39,7 +39,13 @@ class AverageResult:
     when nothing was sent. ``phases`` lists (bytes sent, bytes received) for
     each sequential message phase of the exchange, for network models.
     ``shards_averaged`` (real swarm, butterfly) says which of the group's
-    shards were averaged; a shard whose reducer failed keeps the local values.
+    shards hold a mean of several members (False: the local values, or a
+    reducer's mean of its own part alone). ``diverged`` lists the shards
+    (butterfly: indices into ``shards_averaged``; all-gather: ``[0]``, the
+    whole vector) whose values here may differ from what the group's other
+    live members hold: a mean that reached some members but not this one, or
+    this one's mean that reached no one. Such a peer is out of step with its
+    group however many shards were averaged; it should take a peer's state.
     ``outliers`` are the members the reducer flagged (a robust rule trimmed or
     clipped them, or capped their weight), sorted.
     """
@@ -54,6 +60,7 @@ class AverageResult:
     reason: str = ""
     shards_averaged: list[bool] = field(default_factory=list)
     outliers: list[str] = field(default_factory=list)
+    diverged: list[int] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:

@@ -7,11 +7,27 @@ alone in the swarm, it catches up: it downloads a peer's shared state (global
 weights, outer optimizer state, round and step; `JoinProtocol.fetch_state`)
 and adopts it. At start a node takes a peer's state only when it is further
 along than the node's own checkpoint, or as far: then the swarm's state wins.
+
+Which state, after a round: the most advanced one. The round this node
+missed ends, for the swarm, at the step this node is at now; its members
+publish their state once their exchange is done. So the node waits (up to
+``patience`` seconds) until a member serves a state at its own step or later,
+then takes the one at the highest step. A member that is itself stuck (in a
+round of its own, or far behind) serves an older state: taking that one
+would send this node back into a round the others have closed, to miss it
+again. If no member gets that far in time, the node takes the highest step
+there is, but never the step it caught up to last time: the swarm has not
+finished a round since, and adopting the same state again repeats the same
+missed round. Then it keeps its own state for a round and tries again after
+the next one; it stays out of sync until a catch-up succeeds (a round
+averaged with others on weights of its own does not bring it back in step),
+and meanwhile its state offers say so: others catching up take a state of a
+member in step before one of a member out of step, whatever their steps.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -44,9 +60,16 @@ def take_at_start(peer_step: int, checkpoint_step: int | None) -> bool:
 class CatchUp:
     """The catch-up policy of one node (see the module docstring)."""
 
-    def __init__(self, opt: OuterOptimizer, swarm: Swarm, protocol: JoinProtocol, console: Console):
+    def __init__(self, opt: OuterOptimizer, swarm: Swarm, protocol: JoinProtocol, console: Console,
+                 patience: float = 15.0, stopping: Callable[[], bool] = lambda: False):
         self.opt, self.swarm, self.protocol, self.console = opt, swarm, protocol, console
+        #: Whether the node is stopping: a catch-up waiting for the swarm's state gives up at once.
+        self.stopping = stopping
+        #: Seconds a node out of sync waits for a member to serve the state of the round it missed.
+        self.patience = patience
         self._not_averaged = opt.stats.rounds_not_averaged
+        self.behind = False  # out of sync, and not caught up since
+        self._adopted: int | None = None  # the step of the state this node caught up to last
 
     def at_start(self, checkpoint_step: int | None, have_peers: bool) -> None:
         """Before training: with bootstrap peers, wait (30 s at most) for another
@@ -64,16 +87,25 @@ class CatchUp:
         self._not_averaged = self.opt.stats.rounds_not_averaged
 
     def after_round(self, stopping: bool) -> None:
-        """After an outer round ended: catch up if it left this node out of sync."""
+        """After an outer round ended: catch up if this node is out of sync (this round
+        left it out, or an earlier one did and it has not caught up since)."""
         members = len(self.swarm.known_members)
-        behind = out_of_sync(self.opt.stats, self._not_averaged, members)
+        behind = self.behind or out_of_sync(self.opt.stats, self._not_averaged, members)
         self._not_averaged = self.opt.stats.rounds_not_averaged
-        if behind and members > 1 and not stopping:
-            self.catch_up()
+        self.behind = behind and members > 1  # alone in the swarm, a node is in step with it
+        if self.behind and not stopping:
+            fetched = self.protocol.fetch_state(at_least=self.opt.step_count, patience=self.patience,
+                                                cancelled=self.stopping)
+            if fetched is not None and self._adopted is not None and fetched.step <= self._adopted:
+                self.console.print(f"the swarm's state is at step {fetched.step}, where I caught up last: "
+                                   "keeping mine for a round", highlight=False)
+            elif fetched is not None:
+                self.behind = not self.catch_up(fetched)
+        self.protocol.in_step = not self.behind  # what this node's state offers say from now on
 
     def catch_up(self, fetched: Fetched | None = None) -> bool:
-        """Adopt a peer's shared state (``fetched``, or fetched now from the first
-        peer that serves one); False if there was none to adopt."""
+        """Adopt a peer's shared state (``fetched``, or fetched now: the most advanced
+        a peer serves); False if there was none to adopt."""
         fetched = fetched or self.protocol.fetch_state()
         if fetched is None:
             return False
@@ -83,6 +115,7 @@ class CatchUp:
             self.console.print(f"[yellow]could not catch up from {fetched.peer[:16]}…: {escape(str(e))}[/]",
                                highlight=False)
             return False
+        self._adopted = fetched.step
         self.swarm.forget_rounds()
         self.console.print(f"caught up from {fetched.peer[:16]}… at step {self.opt.step_count}", highlight=False)
         return True

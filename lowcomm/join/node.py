@@ -185,7 +185,8 @@ class Node:
             self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm)
         except ValueError as e:
             raise ConfigError(f"--{cfg.algorithm}", str(e)) from None
-        self.catchup = CatchUp(self.opt, self.swarm, self.protocol, self.console)
+        self.catchup = CatchUp(self.opt, self.swarm, self.protocol, self.console,
+                               stopping=lambda: self.stop_requested)
 
     def _snapshot(self) -> None:
         """Serve the current shared state to nodes that join or catch up."""

@@ -8,19 +8,26 @@
   with the same settings answers its latest snapshot, a
   `lowcomm.checkpoint.state_to_bytes` blob whose meta is `StateMeta`
   (hash, step), or nothing (empty) when it has none or runs other settings.
+- ``/lowcomm/state-offer/1``: the same request; the answer is a `StateOffer`
+  (hash, the snapshot's step, and whether the node is in step with the
+  swarm), or nothing, so that a node can ask every member how far its state
+  is before it downloads one (`JoinProtocol.fetch_state` takes the most
+  advanced of the members in step).
 
 Messages are msgpack maps checked on receipt against their dataclass
 (`lowcomm.p2p.messages.check_fields`): a malformed one raises
 `WireFormatError` where it is read. The serving side answers malformed input
-with a refusal (hello) or nothing (state); it never raises.
+with a refusal (hello) or nothing (state, offer); it never raises.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from functools import cache
-from typing import TYPE_CHECKING, ClassVar, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Callable, ClassVar, TypeVar, get_type_hints
 
 import msgpack
 from rich.console import Console
@@ -37,8 +44,12 @@ if TYPE_CHECKING:
 
 PROTOCOL_HELLO = "/lowcomm/hello/1"
 PROTOCOL_STATE = "/lowcomm/state/1"
+PROTOCOL_OFFER = "/lowcomm/state-offer/1"
 
 log = logging.getLogger("lowcomm.join")
+
+POLL_S = 0.5  # seconds between two rounds of offers asked while `JoinProtocol.fetch_state` waits
+OFFER_TIMEOUT_S = 5.0  # seconds a member has to answer a request for its offer
 
 _LIMITS = {"max_str_len": 4096, "max_array_len": 100_000, "max_map_len": 256, "max_bin_len": 0}
 
@@ -90,6 +101,18 @@ class StateMeta:
 
 
 @dataclass(frozen=True)
+class StateOffer:
+    """What a member says of the state it serves: the settings it is for, its step,
+    and whether the member is in step with the swarm (False: it holds weights of
+    its own after a round it was left out of, and has not caught up since)."""
+
+    kind: ClassVar[str] = "state offer"
+    hash: str
+    step: int
+    in_step: bool
+
+
+@dataclass(frozen=True)
 class Fetched:
     """A peer's shared state (an optimizer's ``shared_state_dict``) at ``step``."""
 
@@ -98,7 +121,7 @@ class Fetched:
     step: int
 
 
-M = TypeVar("M", Hello, HelloReply, StateRequest, StateMeta)
+M = TypeVar("M", Hello, HelloReply, StateRequest, StateMeta, StateOffer)
 
 
 @cache
@@ -107,7 +130,7 @@ def _schema(cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def pack(msg: Hello | HelloReply | StateRequest) -> bytes:
+def pack(msg: Hello | HelloReply | StateRequest | StateOffer) -> bytes:
     return msgpack.packb(asdict(msg), use_bin_type=True)
 
 
@@ -129,22 +152,27 @@ class JoinProtocol:
     """This node's side of both protocols on ``swarm``: it answers hellos and state
     requests (`serve`, `publish`), greets bootstrap peers (`greet`) and downloads
     a peer's state (`fetch_state`). ``settings`` are this node's run settings,
-    ``settings_hash`` their hash."""
+    ``settings_hash`` their hash; ``in_step`` (set by the catch-up policy) is what
+    its state offers say."""
 
     def __init__(self, swarm: Swarm, run_id: str, settings: dict, settings_hash: str, console: Console):
         self.swarm, self.run_id, self.settings, self.hash = swarm, run_id, settings, settings_hash
         self.console = console
         self._state = b""
+        self._step: int | None = None  # the step of ``_state``
+        #: False while this node serves weights of its own after a round it was left out of.
+        self.in_step = True
 
     # --- serving ---
     def serve(self) -> None:
         self.swarm.serve(PROTOCOL_HELLO, self._on_hello)
         self.swarm.serve(PROTOCOL_STATE, self._on_state)
+        self.swarm.serve(PROTOCOL_OFFER, self._on_offer)
 
     def publish(self, state: dict, step: int) -> None:
         """Serve ``state`` (an optimizer's ``shared_state_dict`` at ``step``) to
         nodes that ask from now on."""
-        self._state = state_to_bytes(state, asdict(StateMeta(self.hash, step)))
+        self._state, self._step = state_to_bytes(state, asdict(StateMeta(self.hash, step))), step
 
     async def _on_hello(self, sender: str, data: bytes) -> bytes:
         try:
@@ -163,6 +191,16 @@ class JoinProtocol:
             log.info("ignored a state request from %s: %s", sender, e)
             return b""
         return self._state if request.hash == self.hash else b""
+
+    async def _on_offer(self, sender: str, data: bytes) -> bytes:
+        try:
+            request = unpack(StateRequest, data)
+        except WireFormatError as e:
+            log.info("ignored an offer request from %s: %s", sender, e)
+            return b""
+        if request.hash != self.hash or self._step is None:
+            return b""
+        return pack(StateOffer(self.hash, self._step, self.in_step))
 
     # --- asking ---
     def greet(self, peers: list[str]) -> None:
@@ -191,11 +229,27 @@ class JoinProtocol:
                               f"run {self.run_id!r} settings {self.hash} here: {'; '.join(what) or 'settings'}")
             return
 
-    def fetch_state(self) -> Fetched | None:
-        """The shared state of the first live member that serves a valid one for our
-        settings; None if none does (each failure is reported)."""
+    def fetch_state(self, at_least: int = 0, patience: float = 0.0,
+                    cancelled: Callable[[], bool] = lambda: False) -> Fetched | None:
+        """The shared state at the highest step a live member in step with the swarm
+        serves for our settings (`offers`; then members out of step, then those
+        that state no offer); None if none serves a valid one (each failure is
+        reported). With ``patience`` (seconds), first wait that long at most for a
+        member in step to offer step ``at_least`` or later: the step at which a
+        round this node missed ends. ``cancelled`` (e.g. a stop was requested)
+        ends the wait at once, and then nothing is downloaded."""
+        peers = [m for m in self.swarm.members() if m != self.swarm.peer_id]
+        deadline = time.monotonic() + patience
+        offers = self.offers(peers)
+        while max((o.step for o in offers.values() if o.in_step), default=-1) < at_least \
+                and time.monotonic() < deadline and not cancelled():
+            time.sleep(POLL_S)
+            offers = self.offers(peers)
+        if cancelled():
+            return None
+        ranked = sorted(offers, key=lambda p: (not offers[p].in_step, -offers[p].step))  # stable: member order
         request = pack(StateRequest(self.hash))
-        for peer in [m for m in self.swarm.members() if m != self.swarm.peer_id]:
+        for peer in ranked + [p for p in peers if p not in offers]:
             try:
                 blob = self.swarm.request(peer, PROTOCOL_STATE, request, timeout=120)
                 if not blob:
@@ -209,3 +263,24 @@ class JoinProtocol:
                 self.console.print(f"[yellow]could not catch up from {peer[:16]}…: {escape(str(e))}[/]",
                                    highlight=False)
         return None
+
+    def offers(self, peers: list[str]) -> dict[str, StateOffer]:
+        """What each of ``peers`` says of the state it serves for our settings, asked
+        of all at once; peers that serve none, answer garbage or cannot be reached
+        (or run a version without offers) are left out."""
+        request = pack(StateRequest(self.hash))
+
+        def ask(peer: str) -> StateOffer | None:
+            try:
+                reply = self.swarm.request(peer, PROTOCOL_OFFER, request, timeout=OFFER_TIMEOUT_S)
+                offer = unpack(StateOffer, reply) if reply else None
+            except Exception as e:  # gone, without this protocol, or garbage: no offer
+                log.info("no state offer from %s: %s", peer, e)
+                return None
+            return offer if offer is not None and offer.hash == self.hash else None
+
+        if not peers:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(len(peers), 16)) as pool:
+            answers = list(pool.map(ask, peers))
+        return {peer: offer for peer, offer in zip(peers, answers) if offer is not None}

@@ -20,11 +20,19 @@ Params = Iterable[Union[torch.Tensor, tuple[str, torch.Tensor]]]
 @dataclass
 class Stats:
     """Counters an outer optimizer keeps (bytes are wire bytes, both directions;
-    ``wait_s``: seconds the caller was blocked waiting for averaging results)."""
+    ``wait_s``: seconds the caller was blocked waiting for averaging results).
+
+    ``rounds_not_averaged`` counts the rounds that did not leave this worker
+    with its group's values: no mean came back (``AverageResult.averaged``
+    False), or some of its values may differ from what the others hold
+    (``AverageResult.diverged``); ``rounds_diverged`` counts the latter alone.
+    Either way the worker is out of step and should take a peer's state
+    (`lowcomm.join.catchup`)."""
 
     inner_steps: int = 0
     outer_rounds: int = 0
     rounds_not_averaged: int = 0
+    rounds_diverged: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     last_group_size: int = 0
@@ -33,7 +41,8 @@ class Stats:
 
     def record(self, result: AverageResult) -> None:
         self.outer_rounds += 1
-        self.rounds_not_averaged += not result.averaged
+        self.rounds_not_averaged += not result.averaged or bool(result.diverged)
+        self.rounds_diverged += bool(result.diverged)
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
         self.last_group_size = result.group_size

@@ -181,7 +181,8 @@ class DiLoCo(OuterOptimizer):
             r = self._wait(e.handle, self.timeout)
             inflight.append({"fragment": e.fragment, "apply_at": e.apply_at, "tensors": r.tensors,
                              "averaged": r.averaged, "participants": r.participants,
-                             "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received})
+                             "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
+                             "diverged": r.diverged})
         return {**self._base_state(), "step": self.step_count, "rounds": list(self.rounds),
                 "phi": [[t.clone() for t in phi] for phi in self.phi],
                 "outer": [o.state_dict() for o in self.outer], "inflight": inflight}
@@ -200,7 +201,8 @@ class DiLoCo(OuterOptimizer):
         for o, s in zip(self.outer, state["outer"]):
             o.load_state_dict(s)
         self.inflight = [_InFlight(e["fragment"], e["apply_at"], DoneHandle(AverageResult(
-            e["tensors"], e["averaged"], e["participants"], e["bytes_sent"], e["bytes_received"])))
+            e["tensors"], e["averaged"], e["participants"], e["bytes_sent"], e["bytes_received"],
+            diverged=list(e.get("diverged", [])))))  # states saved before results had one: none
             for e in state["inflight"]]
 
 

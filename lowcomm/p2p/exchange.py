@@ -3,12 +3,27 @@
 Dense codecs: butterfly. Member i sends shard j of its compressed
 contribution to member j; member j reduces the shards that arrived by the
 deadline in fp32 (with the swarm's reducer, weights renormalised over them),
-compresses the result and sends it to every member. A shard whose reducer
-fails is reduced instead by member (j + 1) mod n from the parts it can still
-get; if that one fails too, the shard keeps the local values
-(``shards_averaged`` says which). Sparse codecs: all-gather of whole
-payloads. Payloads are validated with `decode`; a peer whose payload is
-invalid is left out and logged.
+compresses the result and sends it to every member. A member that gets no
+mean of shard j from its reducer asks member (j + 1) mod n, the backup, to
+reduce it from the parts the members without it still send; if no mean comes
+from either, the shard keeps the local values (``shards_averaged`` says which
+shards hold a mean of several members). A reducer's mean of its own part
+alone (no other part arrived) is final all the same: every member that got
+it holds the same values. Sparse codecs: all-gather of whole payloads.
+Payloads are validated with `decode`; a peer whose payload is invalid is left
+out and logged.
+
+A member this node could not reach in a round (a send failed with
+`PeerUnreachable`: refused, reset, gone; a timeout says nothing, the link may
+just be slow) is not waited for in the rest of that round: its part, its
+mean (its shard goes to the backup at once) and its backup mean. A member
+killed mid-round then costs the others no deadline.
+
+Members can end a round with different values: a reducer killed between its
+sends of the mean leaves some members with its mean and others without.
+`AverageResult.diverged` lists the shards whose values here may differ from
+what the group's other live members hold (`_diverged` gives the rules), so
+the node knows to catch up.
 
 A node measures its upload rate on every phase that sends at least
 `MEASURE_BYTES` (bytes sent over the phase's wall time, the sends in flight
@@ -76,8 +91,10 @@ class UploadRate:
 
 @dataclass
 class _Part:
-    """A packed part message: what it is (for logs) and its segments."""
+    """A packed part message: its round, what it is (for logs) and its segments."""
 
+    key: str
+    round: int
     what: str
     segments: list[Buffer]
 
@@ -88,10 +105,12 @@ class _Part:
 
 @dataclass
 class _Inbox:
-    """Messages received for one (key, round), by (phase, shard, sender)."""
+    """Messages received for one (key, round), by (phase, shard, sender), and the
+    members this node could not reach in that round (not waited for)."""
 
     created: float
     items: dict[tuple[str, int, str], dict] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -131,6 +150,9 @@ class GroupExchange:
         self._active.discard((key, round))
         self._inboxes.pop((key, round), None)
 
+    def _inbox(self, key: str, round: int) -> _Inbox:
+        return self._inboxes.setdefault((key, round), _Inbox(time.monotonic()))
+
     def forget_idle(self) -> None:
         """Drop the messages buffered for rounds not in flight here."""
         for k in [k for k in self._inboxes if k not in self._active]:
@@ -147,7 +169,7 @@ class GroupExchange:
         self.membership.heard_from(sender)
         if msg["run"] != self.run_id:
             raise PeerUnreachable("wrong run")
-        box = self._inboxes.setdefault((msg["key"], msg["round"]), _Inbox(time.monotonic()))
+        box = self._inbox(msg["key"], msg["round"])
         msg["size"] = len(data)
         box.items[(msg["phase"], msg["shard"], sender)] = msg
         box.changed.set()
@@ -156,13 +178,15 @@ class GroupExchange:
     def _part(self, key: str, round: int, phase: str, shard: int, weight: float, contributors: list[str],
               blob: list[Buffer], outliers: Sequence[str] = ()) -> _Part:
         """A part message, packed once (it may go to several peers)."""
-        return _Part(f"{key}/{round} {phase} shard {shard}",
+        return _Part(key, round, f"{key}/{round} {phase} shard {shard}",
                      messages.pack_part(blob, run=self.run_id, key=key, round=round, phase=phase, shard=shard,
                                         weight=weight, contributors=contributors, outliers=list(outliers)))
 
     async def _send(self, peer: str, part: _Part, timeout: float, phase: object = None) -> int:
         """Send a part message; returns the bytes sent (0 if the peer could not be
-        reached). ``phase`` names the phase for `UploadRate.timed_out`."""
+        reached). A peer that could not be reached (not one that timed out) is
+        not waited for in the rest of the round. ``phase`` names the phase for
+        `UploadRate.timed_out`."""
         try:
             await self.transport.request(peer, messages.PROTOCOL_PART, part.segments, timeout=timeout)
             return part.size
@@ -170,14 +194,19 @@ class GroupExchange:
             log.info("could not send %s to %s: %s", part.what, peer, e)
             if isinstance(e, PeerUnreachable):
                 self.membership.suspect(peer)
+                box = self._inbox(part.key, part.round)
+                box.gone.add(peer)
+                box.changed.set()  # wake `_collect`: one less sender to wait for
             else:
                 self.upload.timed_out(phase)
             return 0
 
     async def _collect(self, key: str, round: int, wanted: set[tuple[str, int, str]], deadline: float) -> dict:
-        """Wait until every wanted (phase, shard, sender) arrived or the deadline passed."""
-        box = self._inboxes.setdefault((key, round), _Inbox(time.monotonic()))
-        while not wanted <= set(box.items):
+        """Wait until every wanted (phase, shard, sender) arrived, but for those of
+        senders found unreachable in this round, or the deadline passed; returns
+        those that arrived."""
+        box = self._inbox(key, round)
+        while not {w for w in wanted if w[2] not in box.gone} <= box.items.keys():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -278,6 +307,7 @@ class GroupExchange:
         out[lo:hi] = mean
         averaged, filled = [False] * n, [False] * n
         averaged[me], filled[me] = len(parts) > 1, True
+        backups: dict[int, list[str]] = {}  # shard -> contributors of the backup's mean held here
         who = set(contributors) if len(parts) > 1 else set()
 
         def fill(j: int, msg: dict, sender: str) -> bool:
@@ -294,12 +324,14 @@ class GroupExchange:
             for (j, msg, _), good in zip(items, ok):
                 if good:
                     filled[j], averaged[j] = True, len(msg["contributors"]) > 1
+                    if msg["phase"] == "bmean":
+                        backups[j] = list(msg["contributors"])
                     who |= set(msg["contributors"]) if averaged[j] else set()
                     outliers.update(msg["outliers"])
 
         await apply([(j, msg, sender) for (_, j, sender), msg in means.items()])
-        # backup reducers: shard j whose reducer failed is reduced by member (j + 1) mod n
-        missing = [j for j in range(n) if j != me and not averaged[j]]
+        # backup reducers: shard j whose reducer's mean did not come is reduced by member (j + 1) mod n
+        missing = [j for j in range(n) if not filled[j]]
         mine_to_back = [j for j in missing if backup_reducer(j, n) != me]
         sends = [self._send(group[backup_reducer(j, n)], self._part(key, round, "bpart", j, weight, [], blobs[j]),
                             timeout)
@@ -311,39 +343,51 @@ class GroupExchange:
             bytes_sent += sum(r if isinstance(r, int) else r[0] for r in results)
             received += sum(0 if isinstance(r, int) else r[1] for r in results)
             await apply([(*r[2], self.peer_id) for r in results if not isinstance(r, int) and r[2] is not None])
-            backups = await self._collect(key, round, {("bmean", j, group[backup_reducer(j, n)]) for j in mine_to_back},
-                                          start + 3 * timeout)
-            received += sum(m["size"] for m in backups.values())
-            await apply([(j, msg, sender) for (_, j, sender), msg in backups.items()])
+            backed = await self._collect(key, round, {("bmean", j, group[backup_reducer(j, n)]) for j in mine_to_back},
+                                         start + 3 * timeout)
+            received += sum(m["size"] for m in backed.values())
+            await apply([(j, msg, sender) for (_, j, sender), msg in backed.items()])
         for j in [j for j in range(n) if not filled[j]]:  # no reducer answered: the local values
             a, b = bounds[j]
             out[a:b] = x[a:b]
+        diverged = _diverged(group, me, self._inbox(key, round).gone, filled, backups, any(sent2))
+        if diverged:
+            log.info("%s/%s: shards %s here may differ from the group's", key, round, diverged)
+        reason = "" if all(averaged) and not diverged else (
+            f"shards {diverged} may differ from the group's" if diverged else "some shards were not averaged")
         return AverageResult(unflatten(out, tensors), any(averaged), sorted(who | {self.peer_id}),
                              bytes_sent=bytes_sent, bytes_received=received,
                              sent=[p if codec.exact else torch.cat(mine)],
-                             shards_averaged=averaged, outliers=sorted(outliers),
-                             reason="" if all(averaged) else "some shards kept local values")
+                             shards_averaged=averaged, outliers=sorted(outliers), diverged=diverged, reason=reason)
 
     async def _back_up(self, key, round, j, group, bounds, alive, weight, own, codec, start, timeout):
         """Reduce shard j for a failed reducer: from this member's own part and the
-        parts of the members whose part of this member's own shard arrived.
-        Returns (bytes sent, bytes received, (j, mean message) or None)."""
+        parts of the members whose part of this member's own shard arrived (a
+        member that holds the reducer's mean sends none: it is waited for until
+        2.5 deadlines, so that the mean reaches the others before their 3).
+        Returns (bytes sent, bytes received, (j, mean message) or None: no other
+        member's part came, so there is nothing to average)."""
         a, b = bounds[j]
         expected = {("bpart", j, g) for g in alive if g not in (self.peer_id, group[j])}
-        got = await self._collect(key, round, expected, start + 3 * timeout)
+        got = await self._collect(key, round, expected, start + 2.5 * timeout)
+        received = sum(m["size"] for m in got.values())
         parts = await self._accept(got, b - a, {self.peer_id: (weight, own)})
+        if len(parts) == 1:
+            return 0, received, None
         blob, _, flagged = await self._run(self._reduce, codec, parts)
         contributors = sorted(parts)
         part = self._part(key, round, "bmean", j, weight, contributors, blob, flagged)
         sent = await asyncio.gather(*(self._send(g, part, timeout) for g in parts if g != self.peer_id))
         own_msg = {"blob": b"".join(blob), "contributors": contributors, "phase": "bmean", "outliers": flagged}
-        return sum(sent), sum(m["size"] for m in got.values()), (j, own_msg)
+        return sum(sent), received, (j, own_msg)
 
     async def all_gather(self, key: str, round: int, group: list[str], x: torch.Tensor, p: torch.Tensor,
                          weight: float, codec: Compressor, tensors: list[torch.Tensor],
                          timeout: float) -> AverageResult:
         """Every member's whole payload to every other member, each reducing them all
-        (sparse codecs); the arguments are `butterfly`'s."""
+        (sparse codecs); the arguments are `butterfly`'s. The result has diverged
+        (``diverged == [0]``: the whole vector) when the payload of a member this
+        node could reach did not come: the others may have reduced it."""
         blob, mine = await self._run(self._pack, codec, p)
         part = self._part(key, round, "full", 0, weight, [], blob)
         start = time.monotonic()
@@ -354,6 +398,43 @@ class GroupExchange:
                                   start + timeout)
         parts = await self._accept(got, x.numel(), {self.peer_id: (weight, mine)})
         reduced = await self._run(self.reducer.reduce, parts)
+        gone = self._inbox(key, round).gone
+        silent = [g for g in group if g != self.peer_id and g not in gone and ("full", 0, g) not in got]
         return AverageResult(unflatten(reduced.value, tensors), len(parts) > 1, sorted(parts), bytes_sent=sum(sent),
                              bytes_received=sum(m["size"] for m in got.values()), sent=[mine],
-                             outliers=reduced.outliers)
+                             outliers=reduced.outliers, diverged=[0] if silent else [],
+                             reason=f"no payload from {silent}" if silent else "")
+
+
+def _diverged(group: list[str], me: int, gone: set[str], filled: list[bool], backups: dict[int, list[str]],
+              mean_delivered: bool) -> list[int]:
+    """The shards whose values at member ``me`` of ``group`` may differ from what the
+    group's other live members (those not in ``gone``) hold; none when no other
+    member is live. Such a shard is
+
+    - ``me``'s own, when its mean reached no other member (``mean_delivered``
+      False): they back it up or keep their own values;
+    - one no mean of came (``filled`` False): it kept its own values;
+    - one it holds the backup's mean of (``backups``: shard -> contributors of
+      that mean), when a live member other than the shard's reducer is not among
+      the contributors: only members without the reducer's mean send parts to the
+      backup, so that member may hold the reducer's mean.
+
+    A shard it holds its reducer's mean of is the group's (a mean of the reducer's
+    own part alone too: every member that got it holds the same values); a member
+    that missed it finds that out for itself.
+    """
+    others = {g for g in group if g != group[me] and g not in gone}
+    if not others:
+        return []
+    out = []
+    for j in range(len(group)):
+        if j == me:
+            apart = not mean_delivered
+        elif not filled[j]:
+            apart = True
+        else:
+            apart = j in backups and bool(others - set(backups[j]) - {group[j]})
+        if apart:
+            out.append(j)
+    return out

@@ -84,6 +84,7 @@ class HivemindTransport:
         self._addrs: list[str] = []
         self._peer_addrs: dict[str, list[str]] = {}  # member -> the addresses its membership record states
         self._dialed: set[str] = set()
+        self._dials: set[asyncio.Task] = set()  # dials in the background (`learn_addrs`)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,10 +173,17 @@ class HivemindTransport:
             raise PeerUnreachable(f"{peer}: {type(e).__name__}: {e}") from None
 
     def learn_addrs(self, peer: str, addrs: list[str]) -> None:
-        """``peer``'s addresses, from its membership record."""
+        """``peer``'s addresses, from its membership record. New ones are dialled at
+        once, in the background: a node that (re)starts connects to every member
+        from its first refresh on, and members whose own dials to it failed while it
+        was down (the daemon then refuses to redial for a while, "dial backoff")
+        reach it over those connections."""
         if self._peer_addrs.get(peer) != addrs:
             self._peer_addrs[peer] = list(addrs)
             self._dialed.discard(peer)
+            dial = asyncio.ensure_future(self._dial(peer))
+            self._dials.add(dial)  # held until done: the loop keeps only weak references to tasks
+            dial.add_done_callback(self._dials.discard)
 
     async def _dial(self, peer: str) -> None:
         """Connect to ``peer`` at the addresses its membership record states, once.

@@ -10,6 +10,18 @@ out the members this leader excludes as outliers
 (`lowcomm.averaging.exclusion`). (A leader that dies just as it closes a
 roster may take some answers with it: those members run the round under the
 next leader, apart from the others.)
+
+A lobby that holds one member when its window ends, while others are
+expected, forms no group: it closes with an empty roster, and the member in
+it (the leader itself, or the one node that joined) tries the next leader in
+the same order, as does every node that asks this one later. Views of who
+leads differ for a while after churn (a node that came back is still a
+suspect to some, and leads a round of its own, which the others skip):
+rather than average alone, such a leader hands the round to the next one
+and joins the others there (which tells them it is up again), and a node
+that no group took asks its suspects last, one of which may be back and
+leading. A node stops trying further leaders ``window + timeout`` seconds
+after it started.
 """
 
 from __future__ import annotations
@@ -70,17 +82,28 @@ class Matchmaker:
         """The roster of ``(key, round)``, sorted; ``[self]`` when no leader answers.
         ``timeout``: seconds a leader may take beyond the ``window``."""
         request = messages.pack("join", run=self.run_id, key=key, round=round, group_size=group_size, weight=weight)
-        for leader in self.membership.expected():
+        give_up = time.monotonic() + self.window + timeout  # no further leader is tried after this
+        expected = self.membership.expected()
+        suspects = [m for m in self.membership.known() if m not in expected]
+        for leader in expected + suspects:  # suspects last: only a node no group took gets there
+            if time.monotonic() > give_up:
+                break
             if leader == self.peer_id:
-                return await self._lead(self.peer_id, key, round, weight)
-            try:
-                reply = await self.transport.request(leader, messages.PROTOCOL_JOIN, request,
-                                                     timeout=self.window + timeout)
-                return messages.unpack("roster", reply)["roster"]
-            except (PeerUnreachable, asyncio.TimeoutError, WireFormatError) as e:
-                log.info("leader %s unreachable for %s/%s (%s); trying the next", leader, key, round, e)
-                if isinstance(e, PeerUnreachable):
-                    self.membership.suspect(leader)
+                roster = await self._lead(self.peer_id, key, round, weight)
+            else:
+                try:
+                    reply = await self.transport.request(leader, messages.PROTOCOL_JOIN, request,
+                                                         timeout=self.window + timeout)
+                    roster = messages.unpack("roster", reply)["roster"]
+                except (PeerUnreachable, asyncio.TimeoutError, WireFormatError) as e:
+                    log.info("leader %s unreachable for %s/%s (%s); trying the next", leader, key, round, e)
+                    if isinstance(e, PeerUnreachable):
+                        self.membership.suspect(leader)
+                    continue
+                self.membership.heard_from(leader)
+            if roster:
+                return roster
+            log.info("no group for %s/%s at %s; trying the next leader", key, round, leader)
         return [self.peer_id]
 
     def joined(self, key: str, round: int) -> dict[str, float]:
@@ -114,9 +137,15 @@ class Matchmaker:
     async def _close_lobby_later(self, key: str, round: int, lobby: _Lobby) -> None:
         await asyncio.sleep(self.window)
         if lobby.roster is None:
-            log.info("round %s/%s closes without %s", key, round,
-                     sorted(set(self.membership.expected()) - set(lobby.joined)))
-            self._close_lobby(lobby)
+            missing = sorted(set(self.membership.expected()) - set(lobby.joined))
+            if len(lobby.joined) == 1 and missing:
+                log.info("round %s/%s: only %s joined here while %s are expected; handing it to the next leader",
+                         key, round, next(iter(lobby.joined)), missing)
+                lobby.roster = []  # no group: whoever asks here tries the next leader
+                lobby.done.set()
+            else:
+                log.info("round %s/%s closes without %s", key, round, missing)
+                self._close_lobby(lobby)
 
     def _close_lobby(self, lobby: _Lobby) -> None:
         """The roster: who joined, less the members this leader excludes as outliers."""
@@ -129,4 +158,4 @@ class Matchmaker:
         if msg["run"] != self.run_id:
             return messages.pack("roster", roster=[], reason=f"this node is in run {self.run_id!r}")
         roster = await self._lead(sender, msg["key"], msg["round"], msg["weight"])
-        return messages.pack("roster", roster=roster, reason="")
+        return messages.pack("roster", roster=roster, reason="" if roster else "no group here: try the next leader")

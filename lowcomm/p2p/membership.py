@@ -6,8 +6,11 @@ upload rate (bits/s, which the others size their deadlines by). Nodes that
 stop refreshing drop out. A transport with ``learn_addrs(peer, addrs)`` is
 told every member's addresses, so it can dial members directly rather than
 rely on its own routing. A peer that could not be reached is a suspect: it
-is not waited for, or asked to lead, until its record could have expired or
-until it is heard from again.
+is not waited for, or asked to lead, until its record could have expired,
+until it is heard from again, or until it publishes a new record (a restarted
+node republishes at once, and a live one every ``ttl / 3``): a node that was
+down for a moment and came back is expected again from the next refresh on,
+instead of leading a round of its own while the others skip it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class Membership:
         self._announced: float | None = None  # the rate in this node's last record, bits/s
         self._members: list[str] = []
         self._published: dict[str, float] = {}  # member -> the rate its record states
-        self._suspects: dict[str, float] = {}  # peer -> until when it is not waited for
+        self._suspects: dict[str, tuple[float, float | None]] = {}  # peer -> (until when, its record's time then)
+        self._times: dict[str, float] = {}  # member -> the "time" its record states, as of the last refresh
 
     @property
     def peer_id(self) -> str:
@@ -60,15 +64,24 @@ class Membership:
 
     async def refresh(self) -> list[str]:
         """Read the records: the live members (self included), sorted."""
-        records = await self.transport.get(f"{self.run_id}/members")
+        stored = await self.transport.get(f"{self.run_id}/members")
+        records = {peer: _fields(record) for peer, record in stored.items()}
         learn = getattr(self.transport, "learn_addrs", None)
         if learn is not None:  # a transport that can dial by address learns the members' addresses
-            for peer, record in records.items():
-                if peer != self.peer_id and (addrs := _published_addrs(record)):
+            for peer, fields in records.items():
+                if peer != self.peer_id and (addrs := _published_addrs(fields)):
                     learn(peer, addrs)
         self._members = sorted(set(records) | {self.peer_id})
-        self._published = {peer: rate for peer, record in records.items()
-                           if (rate := _published_rate(record)) is not None}
+        self._published = {peer: rate for peer, fields in records.items()
+                           if (rate := _published_rate(fields)) is not None}
+        self._times = {peer: t for peer, fields in records.items() if (t := _published_time(fields)) is not None}
+        for peer, (until, seen) in list(self._suspects.items()):
+            if (t := self._times.get(peer)) is None:
+                continue
+            if seen is None:  # suspected before any record of it was read: a newer one than this clears it
+                self._suspects[peer] = (until, t)
+            elif t > seen:  # it published since it was suspected: it is up (again)
+                del self._suspects[peer]
         return list(self._members)
 
     def known(self) -> list[str]:
@@ -80,8 +93,9 @@ class Membership:
         return [self._published[p] for p in self._members if p != self.peer_id and p in self._published]
 
     def suspect(self, peer: str) -> None:
-        """Stop waiting for ``peer`` (or asking it to lead) until its membership record could have expired."""
-        self._suspects[peer] = time.monotonic() + self.ttl
+        """Stop waiting for ``peer`` (or asking it to lead) until its membership record
+        could have expired, or until a refresh finds a newer record of it."""
+        self._suspects[peer] = (time.monotonic() + self.ttl, self._times.get(peer))
 
     def heard_from(self, peer: str) -> None:
         """``peer`` sent something: it is alive after all."""
@@ -90,26 +104,36 @@ class Membership:
     def expected(self) -> list[str]:
         """The live members not under suspicion, sorted (the order leaders are tried in)."""
         now = time.monotonic()
-        return [m for m in self._members if self._suspects.get(m, 0) < now]
+        return [m for m in self._members if self._suspects.get(m, (0.0, None))[0] < now]
 
 
-def _published_addrs(record: bytes) -> list[str]:
-    """The multiaddrs a membership record states (at most 16 strings, each under 512 characters)."""
+def _fields(record: bytes) -> dict:
+    """A membership record's fields; empty when it is malformed (records come from
+    other peers: never trusted blindly, each field is checked where it is read)."""
     try:
-        addrs = msgpack.unpackb(record, raw=False, max_str_len=4096, max_array_len=64, max_map_len=16)["addrs"]
-    except Exception:  # malformed: no addresses
-        return []
+        fields = msgpack.unpackb(record, raw=False, max_str_len=4096, max_array_len=64, max_map_len=16)
+    except Exception:  # msgpack raises several types for malformed input
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _published_addrs(fields: dict) -> list[str]:
+    """The multiaddrs a record states (at most 16 strings, each under 512 characters)."""
+    addrs = fields.get("addrs")
     if not isinstance(addrs, list) or len(addrs) > 16:
         return []
     return [a for a in addrs if isinstance(a, str) and a.startswith("/") and len(a) < 512]
 
 
-def _published_rate(record: bytes) -> float | None:
-    """The bandwidth a membership record states, or None when it states none that
-    makes sense (records come from other peers: never trusted blindly)."""
-    try:
-        rate = msgpack.unpackb(record, raw=False, max_str_len=4096, max_array_len=64, max_map_len=16)["bandwidth"]
-    except Exception:  # malformed or older records: no rate
-        return None
+def _published_time(fields: dict) -> float | None:
+    """The "time" a record states (the publisher's clock: compared only with the
+    publisher's earlier records), or None when it states none."""
+    t = fields.get("time")
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+
+
+def _published_rate(fields: dict) -> float | None:
+    """The bandwidth a record states, or None when it states none that makes sense."""
+    rate = fields.get("bandwidth")
     return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < 1e15 \
         else None
