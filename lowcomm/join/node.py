@@ -13,9 +13,10 @@ left out of (late, or alone while others exist) makes it catch up again.
 Ctrl+C or SIGTERM gives up the round in flight, writes a checkpoint, stops the
 daemon and exits 0; a second Ctrl+C exits at once. ``--secret-file`` and
 ``--allow`` make the swarm private (`lowcomm.p2p.private`): strangers are
-refused in one line. ``--log-to jsonl:PATH`` appends one JSON record per
-outer round (and one at start and at stop) for another program to read
-(`lowcomm.metrics`; the keys are in `Node.round_record`).
+refused in one line. ``--log-to`` writes one record per outer round (and
+one at start and at stop) to the sinks it names: ``jsonl:PATH`` for another
+program to read, ``tensorboard:DIR``, ``wandb:PROJECT`` (`lowcomm.metrics`;
+the keys are in `Node.round_record`).
 
 The parts: `lowcomm.join.protocol` (handshake and state transfer),
 `lowcomm.join.catchup` (when to catch up), `lowcomm.join.checkpoints` (the
