@@ -29,6 +29,14 @@ class Compressor(ABC):
     #: Exact codecs decompress fp32 input to itself, bit for bit (only ``none``).
     exact: ClassVar[bool] = False
 
+    @property
+    def unit(self) -> int:
+        """Consecutive values compressed together (a block, a top-k chunk): a
+        vector cut at multiples of it is compressed in the same units piece by
+        piece as whole (so a deterministic codec gives the same values; randk
+        draws its own). 1 for codecs that treat every value alone."""
+        return 1
+
     @abstractmethod
     def compress(self, x: torch.Tensor) -> Payload:
         """Compress ``x`` (fp32, fp16 or bf16, any shape). ``x`` must be finite:

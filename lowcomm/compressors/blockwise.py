@@ -59,6 +59,10 @@ class _Blockwise(Compressor):
     def options(self) -> dict:
         return {"block_size": self.block_size}
 
+    @property
+    def unit(self) -> int:
+        return self.block_size
+
     # --- per-codec math on a (rows, width) run; scales has shape (rows, 1) ---
     @staticmethod
     def _scale(blocks: torch.Tensor) -> torch.Tensor:

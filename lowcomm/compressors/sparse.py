@@ -95,6 +95,10 @@ class _Sparse(Compressor):
     def density(self) -> float:
         return self.k / self.chunk_size
 
+    @property
+    def unit(self) -> int:
+        return self.chunk_size
+
     def _k_tail(self, tail: int) -> int:
         return min(tail, max(1, round(self.density * tail))) if tail else 0
 

@@ -5,6 +5,7 @@ from lowcomm.optimizers.data_parallel import CompressedDataParallel, DataParalle
 from lowcomm.optimizers.diloco import DiLoCo, StreamingDiLoCo
 from lowcomm.optimizers.noloco import NoLoCo
 from lowcomm.optimizers.sparseloco import SparseLoCo
+from lowcomm.optimizers.worker_group import WorkerGroupAverager, broadcast_shared_state
 
 __all__ = ["CompressedDataParallel", "DataParallel", "DiLoCo", "NoLoCo", "OuterOptimizer", "SparseLoCo", "Stats",
-           "StreamingDiLoCo"]
+           "StreamingDiLoCo", "WorkerGroupAverager", "broadcast_shared_state"]

@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Union
 
 import torch
+import torch.distributed as dist
 
 from lowcomm.averaging import AverageHandle, AverageResult, Averager, Compression
 from lowcomm.compressors import Compressor, ErrorFeedback, get_compressor
+from lowcomm.optimizers.worker_group import WorkerGroupAverager
 
 #: Parameters as ``model.parameters()`` or ``model.named_parameters()``.
 Params = Iterable[Union[torch.Tensor, tuple[str, torch.Tensor]]]
@@ -77,12 +79,21 @@ class OuterOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
 
     Subclasses set ``compression`` (what `Averager.average` gets as
     ``compressor``) and ``step_count``, and say what their global weights
-    (`global_params`) and round (`swarm_round`) are."""
+    (`global_params`) and round (`swarm_round`) are.
+
+    A worker may be a `torch.distributed` process group (several GPUs, DDP or
+    FSDP2 inside): pass ``worker_group`` (its group; building the optimizer
+    is then a collective of it) and ``worker_group_mode`` (``"split"``: each
+    rank syncs a slice, ``"rank0"``: rank 0 syncs everything); the averager
+    becomes a `WorkerGroupAverager` (`lowcomm.optimizers.worker_group`)."""
 
     #: The codec of outer payloads on the wire, possibly in `ErrorFeedback`; None: fp32.
     compression: Compression
+    #: Parameter-sized runs one exchange sends back to back (NoLoCo: phi, theta - phi).
+    exchange_copies: int = 1
 
-    def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager):
+    def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager | None,
+                 worker_group: dist.ProcessGroup | None = None, worker_group_mode: str = "split"):
         self.named = named_params(params)
         ours = {id(t) for _, t in self.named}
         theirs = {id(p) for g in inner.param_groups for p in g["params"]}
@@ -91,6 +102,11 @@ class OuterOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
         super().__init__([t for _, t in self.named], {})
         self.param_groups = inner.param_groups
         self.defaults = inner.defaults
+        if worker_group is not None:
+            averager = WorkerGroupAverager(averager, worker_group, worker_group_mode, copies=self.exchange_copies)
+            averager.check_params(self.params)
+        elif worker_group_mode != "split":
+            raise ValueError(f"worker_group_mode={worker_group_mode!r} needs a worker_group (a process group)")
         self.inner, self.averager = inner, averager
         self.stats = Stats()
 

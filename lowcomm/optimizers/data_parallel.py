@@ -15,18 +15,21 @@ import torch
 from lowcomm.averaging import Averager, unflatten
 from lowcomm.compressors import Compressor
 from lowcomm.optimizers.base import OuterOptimizer, Params, make_compression
+from lowcomm.optimizers.worker_group import is_sharded
 
 
 class DataParallel(OuterOptimizer):
     """Average gradients over everyone every step (fp32 on the wire), then step
-    the inner optimizer. Parameters without a gradient count as zero."""
+    the inner optimizer. Parameters without a gradient count as zero.
+    ``worker_group``, ``worker_group_mode``: a worker of several processes, as
+    `DiLoCo`."""
 
     key = "ddp"
 
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager, *,
                  weight: float = 1.0, timeout: float | None = None, compressor: Compressor | None = None,
-                 error_feedback: bool = False):
-        super().__init__(params, inner, averager)
+                 error_feedback: bool = False, worker_group=None, worker_group_mode: str = "split"):
+        super().__init__(params, inner, averager, worker_group, worker_group_mode)
         self.weight, self.timeout = weight, timeout
         self.compression = make_compression(compressor, error_feedback)
         self.step_count = 0
@@ -79,13 +82,18 @@ class CompressedDataParallel(DataParallel):
 
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager,
                  compressor: str | Compressor, *, error_feedback: bool = True, momentum_correction: bool = False,
-                 momentum: float = 0.9, weight: float = 1.0, timeout: float | None = None):
+                 momentum: float = 0.9, weight: float = 1.0, timeout: float | None = None, worker_group=None,
+                 worker_group_mode: str = "split"):
         if compressor is None:
             raise ValueError("CompressedDataParallel needs a compressor; use DataParallel for fp32 gradients")
         if momentum_correction and not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         super().__init__(params, inner, averager, weight=weight, timeout=timeout, compressor=compressor,
-                         error_feedback=error_feedback and not momentum_correction)
+                         error_feedback=error_feedback and not momentum_correction, worker_group=worker_group,
+                         worker_group_mode=worker_group_mode)
+        if momentum_correction and any(is_sharded(p) for p in self.params):
+            raise ValueError("momentum_correction needs replicated parameters (what was sent is known per shard "
+                             "only); use it with DDP inside the worker, or use momentum_correction=False")
         self.momentum_correction, self.momentum = momentum_correction, momentum
         self.u = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.v = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]

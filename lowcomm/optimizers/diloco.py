@@ -24,6 +24,7 @@ from lowcomm.compressors import Compressor, ErrorFeedback
 from lowcomm.optimizers.base import (
     OuterOptimizer, Params, fragment_indices, make_compression, named_params, units,
 )
+from lowcomm.optimizers.worker_group import is_sharded
 
 
 @dataclass
@@ -64,6 +65,11 @@ class DiLoCo(OuterOptimizer):
         weight: this worker's weight in group means (e.g. its batch size) [1.0].
         timeout: seconds to wait for a mean before using the local delta (None:
             the averager's deadline).
+        worker_group: the process group of this worker's ranks when it runs on
+            several (DDP or FSDP2 inside), None for one process; building the
+            optimizer is then a collective (`lowcomm.optimizers.worker_group`).
+        worker_group_mode: ``"split"`` (each rank syncs a slice) or ``"rank0"``
+            (rank 0 alone talks to the swarm) for replicated parameters ["split"].
     """
 
     key_prefix = "diloco"
@@ -74,8 +80,8 @@ class DiLoCo(OuterOptimizer):
                  fragment_strategy: str = "strided",
                  delay: int = 0, alpha: float = 0.0, compressor: str | Compressor | ErrorFeedback | None = "none",
                  error_feedback: bool = False, group_size: int | None = None, weight: float = 1.0,
-                 timeout: float | None = None):
-        super().__init__(params, inner, averager)
+                 timeout: float | None = None, worker_group=None, worker_group_mode: str = "split"):
+        super().__init__(params, inner, averager, worker_group, worker_group_mode)
         _check_positive_int("sync_every", sync_every)
         _check_positive_int("fragments", fragments)
         if sync_every % fragments:
@@ -160,12 +166,13 @@ class DiLoCo(OuterOptimizer):
         """Adaptive restart (O'Donoghue and Candes 2015): when the new outer
         gradient points against fragment ``p``'s momentum (negative inner
         product over the fragment), the momentum overshot; clear it, so the
-        momentum starts again from this mean."""
+        momentum starts again from this mean. With sharded parameters (DTensor)
+        the product sums over every rank's shards (a collective of the worker)."""
         state = self.outer[p].state
         bufs = [state[ph].get("momentum_buffer") for ph in self.phi[p]]
         if any(b is None for b in bufs):
             return
-        dot = sum(torch.dot(b.reshape(-1), ph.grad.reshape(-1)) for b, ph in zip(bufs, self.phi[p]))
+        dot = sum(_dot(b, ph.grad) for b, ph in zip(bufs, self.phi[p]))
         if dot < 0:
             for b in bufs:
                 b.zero_()
@@ -266,6 +273,15 @@ def auto_fragments(sync_every: int, n_units: int | None = None, delay: int = 0) 
     cap = 4 if n_units is None else max(1, min(4, n_units))
     fits = [p for p in range(1, cap + 1) if sync_every % p == 0 and sync_every // p > delay]
     return max(fits, default=1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The inner product of two tensors of one shape. DTensors take ``(a * b).sum()``:
+    flattening an unevenly sharded DTensor is not supported, and the sum reduces over
+    the shards."""
+    if is_sharded(a):
+        return (a * b).sum()
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -31,16 +31,18 @@ class NoLoCo(OuterOptimizer):
         group_size: n, the size of the random groups [2: gossip pairs].
         compressor: codec for phi and theta - phi on the wire ["none"].
         error_feedback: keep compression residuals [False].
-        weight, timeout: as `DiLoCo`.
+        weight, timeout, worker_group, worker_group_mode: as `DiLoCo`.
     """
 
     key = "noloco"
+    exchange_copies = 2  # phi, then theta - phi
 
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager, *,
                  sync_every: int = 50, outer_lr: float = 0.7, outer_momentum: float = 0.5,
                  group_size: int | None = 2, compressor: str | Compressor | None = "none",
-                 error_feedback: bool = False, weight: float = 1.0, timeout: float | None = None):
-        super().__init__(params, inner, averager)
+                 error_feedback: bool = False, weight: float = 1.0, timeout: float | None = None,
+                 worker_group=None, worker_group_mode: str = "split"):
+        super().__init__(params, inner, averager, worker_group, worker_group_mode)
         _check_positive_int("sync_every", sync_every)
         check_group_size(group_size)
         if not outer_lr > 0:

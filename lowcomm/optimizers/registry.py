@@ -132,9 +132,12 @@ class AlgorithmSpec:
             options["sync_every"] = sync
         return Settings(self.name, sync, options)
 
-    def build(self, s: Settings, params: Params, inner, averager) -> OuterOptimizer:
-        """The optimizer ``s`` describes."""
-        return self.cls(params, inner, averager, **s.options)
+    def build(self, s: Settings, params: Params, inner, averager, worker_group=None,
+              worker_group_mode: str = "split") -> OuterOptimizer:
+        """The optimizer ``s`` describes; ``worker_group`` (a process group) for a
+        worker of several processes (`lowcomm.optimizers.worker_group`)."""
+        return self.cls(params, inner, averager, **s.options, worker_group=worker_group,
+                        worker_group_mode=worker_group_mode)
 
     def schedule(self, s: Settings, params: int, workers: int,
                  fragment_numels: list[int] | None = None) -> SyncSchedule:
@@ -198,6 +201,9 @@ def settings_for(name: str, given: Mapping[str, Any] | None = None) -> Settings:
     return get_algorithm(name).settings(given)
 
 
-def build_optimizer(s: Settings, model, inner, averager) -> OuterOptimizer:
-    """The outer optimizer ``s`` describes, over ``model``'s named parameters."""
-    return get_algorithm(s.algorithm).build(s, list(model.named_parameters()), inner, averager)
+def build_optimizer(s: Settings, model, inner, averager, worker_group=None,
+                    worker_group_mode: str = "split") -> OuterOptimizer:
+    """The outer optimizer ``s`` describes, over ``model``'s named parameters
+    (``worker_group``: see `AlgorithmSpec.build`)."""
+    return get_algorithm(s.algorithm).build(s, list(model.named_parameters()), inner, averager,
+                                            worker_group=worker_group, worker_group_mode=worker_group_mode)

@@ -70,6 +70,7 @@ class SparseLoCo(DiLoCo):
         weight: this worker's weight in group means (e.g. its batch size) [1.0].
         timeout: seconds to wait for a mean before using the local message
             (None: the averager's deadline).
+        worker_group, worker_group_mode: a worker of several processes, as `DiLoCo`.
     """
 
     key_prefix = "sparseloco"
@@ -77,7 +78,8 @@ class SparseLoCo(DiLoCo):
     def __init__(self, params: Params, inner: torch.optim.Optimizer, averager: Averager, *,
                  sync_every: int = 30, outer_lr: float = 2.0, density: float = 1 / 64,
                  chunk_size: int = 4096, beta: float = 0.95, group_size: int | None = None,
-                 weight: float = 1.0, timeout: float | None = None):
+                 weight: float = 1.0, timeout: float | None = None, worker_group=None,
+                 worker_group_mode: str = "split"):
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
             raise ValueError(f"density must be a fraction in (0, 1] (the paper uses 1-3%), got {density!r}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
@@ -85,7 +87,8 @@ class SparseLoCo(DiLoCo):
         codec = self.wire_codec({"density": density, "chunk_size": chunk_size})
         super().__init__(params, inner, averager, sync_every=sync_every, outer_lr=outer_lr, outer_momentum=0.0,
                          nesterov=False, compressor=ErrorFeedback(codec, beta), group_size=group_size,
-                         weight=weight, timeout=timeout)
+                         weight=weight, timeout=timeout, worker_group=worker_group,
+                         worker_group_mode=worker_group_mode)
         self.density, self.chunk_size, self.beta = density, chunk_size, beta
 
     @staticmethod
