@@ -85,8 +85,7 @@ class AlgorithmSpec:
     signature); ``fixed``: constructor arguments this algorithm gets unless a
     run sets them (where they are ``options``), replacing the signature's;
     ``sync_every``: H of command-line runs (None: exchanges every step);
-    ``copies``: parameter-sized tensors per exchange (NoLoCo sends phi and
-    theta - phi); ``codec``: the codec on the wire for given constructor
+    ``codec``: the codec on the wire for given constructor
     arguments (default: the ``compressor`` argument by name);
     ``overlaps_backward``: its every-step exchange is torch DDP's bucketed
     gradient all-reduce, which starts during the backward pass.
@@ -98,9 +97,14 @@ class AlgorithmSpec:
     options: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
     sync_every: int | None = None
-    copies: int = 1
     codec: Callable[[dict], Compressor] | None = None
     overlaps_backward: bool = False
+
+    @property
+    def copies(self) -> int:
+        """Parameter-sized tensors per exchange (NoLoCo sends phi and theta - phi):
+        the optimizer's `OuterOptimizer.exchange_copies`."""
+        return self.cls.exchange_copies
 
     @property
     def periodic(self) -> bool:
@@ -182,7 +186,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in (
     AlgorithmSpec("streaming", "Streaming DiLoCo: fragments at staggered steps, fp4, overlapped exchange",
                   StreamingDiLoCo, _OUTER + ("fragments", "delay", "alpha"), sync_every=20),
     AlgorithmSpec("noloco", "NoLoCo: gossip in random groups, each worker its own slow weights",
-                  NoLoCo, _OUTER, sync_every=20, copies=2),
+                  NoLoCo, _OUTER, sync_every=20),
     AlgorithmSpec("sparseloco", "SparseLoCo: top-k outer gradients with 2-bit values and error feedback, plain "
                   "outer SGD", SparseLoCo, ("outer_lr", "group_size", "density", "chunk_size", "beta"),
                   sync_every=20, codec=SparseLoCo.wire_codec),
