@@ -64,6 +64,11 @@ def train(model, opt, batch, steps: int, start: int = 0) -> None:
         opt.zero_grad()
 
 
+def dgc_codec():
+    from lowcomm.compressors import get_compressor
+    return get_compressor("topk", chunk_size=64, density=1 / 8)
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
@@ -99,9 +104,8 @@ class Node:
     def averager(self, prefix):
         return Prefixed(self.swarm, prefix)
 
-    def record(self, name, opt, model=None, **extra):
-        phi = [full(t) for t in opt.global_params]
-        self.out[name] = {"phi": phi, "theta": [full(p) for p in (model or opt).parameters()] if model else [],
+    def record(self, name, opt, model, **extra):
+        self.out[name] = {"phi": [full(t) for t in opt.global_params], "theta": [full(p) for p in model.parameters()],
                           "bytes_sent": opt.stats.bytes_sent, "bytes_received": opt.stats.bytes_received,
                           "rounds": opt.stats.outer_rounds, "not_averaged": opt.stats.rounds_not_averaged,
                           "group": opt.stats.last_group_size, **extra}
@@ -135,6 +139,17 @@ class Node:
                            self.averager("ddp"), worker_group=self.pg)
         train(self.ddp(model), opt, self.batch, 3)
         self.record("ddp", opt, model)
+
+    def dgc(self):
+        """Deep Gradient Compression (top-k in 64-value chunks, local accumulation
+        cleared where sent: needs what was sent, gathered from both slices), 3 steps."""
+        from lowcomm.optimizers import CompressedDataParallel
+        model = make_model(0)
+        opt = CompressedDataParallel(model.parameters(), torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                     self.averager("dgc"), dgc_codec(), momentum_correction=True, momentum=0.0,
+                                     worker_group=self.pg)
+        train(self.ddp(model), opt, self.batch, 3)
+        self.record("dgc", opt, model, u=[t.clone() for t in opt.u], v=[t.clone() for t in opt.v])
 
     def sparseloco(self, steps: int, prefix: str, state: bytes | None = None, stop: int | None = None):
         """SparseLoCo with 64-value top-k chunks (slices of 10,304 and 10,177 values),
@@ -265,7 +280,7 @@ def main() -> None:
         swarm.wait_for_members(WORKERS, timeout=60)
         node = Node(args, swarm, groups[worker])
         times = {"swarm": time.monotonic() - t0}
-        for name in ("split", "catchup", "resume", "noloco", "ddp_baseline", "rank0", "sharded", "tiny"):
+        for name in ("split", "catchup", "resume", "noloco", "ddp_baseline", "dgc", "rank0", "sharded", "tiny"):
             t = time.monotonic()
             getattr(node, name)()
             times[name] = round(time.monotonic() - t, 2)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,10 @@ import torch
 
 from lowcomm.averaging import shard_bounds
 from lowcomm.compressors import get_compressor, wire_size
-from lowcomm.optimizers import DataParallel, DiLoCo, NoLoCo, WorkerGroupAverager
+from lowcomm.optimizers import CompressedDataParallel, DataParallel, DiLoCo, NoLoCo, WorkerGroupAverager
 from lowcomm.optimizers.worker_group import slice_bounds
 from lowcomm.sim import LocalSwarm
-from tests.optimizers.group_node import H, global_batch, make_model, train
-from tests.p2p.test_swarm_real import assert_no_new_daemons, p2pd_pids
+from tests.optimizers.group_node import H, dgc_codec, global_batch, make_model, train
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMEL = 20_481  # make_model's parameters
@@ -83,12 +84,34 @@ def test_a_worker_group_needs_torch_distributed():
 
 
 # --- 2 workers x 2 ranks over the real swarm ---
+def daemons_tagged(tag: str) -> list[int]:
+    """The p2pd daemons started with ``tag`` in their environment (inherited from
+    the nodes of this run; not those of other tests running on the machine)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "p2pd" and \
+                    tag.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+def assert_daemons_gone(tag: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while daemons_tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not daemons_tagged(tag), "a p2pd daemon outlived its node"
+
+
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     """Run the 4 ranks once; each rank's results by global rank (0, 1: worker 0)."""
     out = tmp_path_factory.mktemp("worker_group")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    before = p2pd_pids()
+    tag = f"LOWCOMM_WORKER_GROUP_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           tag.split("=")[0]: tag.split("=")[1]}
     cmd = [sys.executable, "-m", "tests.optimizers.group_node", "--world", "4", "--store", str(out / "store"),
            "--out", str(out)]
     procs = [subprocess.Popen([*cmd, "--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -102,7 +125,7 @@ def nodes(tmp_path_factory):
                 p.wait()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
-    assert_no_new_daemons(before)
+    assert_daemons_gone(tag)
     for stdout, _ in outputs:
         print(stdout.strip())  # per-scenario seconds, shown with -s
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(4)]
@@ -181,6 +204,23 @@ def test_noloco_and_data_parallel_split_equal_single_process_workers(nodes):
         assert max_diff(r["ddp"]["phi"], list(ddp[g // 2][1].parameters())) <= 1e-6
     assert_all_equal([r["noloco"]["phi"] for r in nodes["ranks"]])
     assert_all_equal([r["ddp"]["phi"] for r in nodes["ranks"]])
+
+
+def test_dgc_split_gathers_what_was_sent_and_equals_single_process_workers(nodes):
+    """Top-k chunks of 64: the slices (10,304 and 10,177 values) are cut at chunk
+    multiples, so each rank picks what a single worker picks there; the local
+    accumulation is cleared where the gathered ``sent`` says (u: zero exactly
+    there; v: what fp16 values left, so within an fp16 rounding)."""
+    ref = reference(lambda m, a: CompressedDataParallel(m.parameters(), adamw(m), a, dgc_codec(),
+                                                         momentum_correction=True, momentum=0.0), 3)
+    for g, r in enumerate(nodes["ranks"]):
+        opt, model = ref[g // 2]
+        assert r["dgc"]["rounds"] == 3 and r["dgc"]["not_averaged"] == 0
+        assert max_diff(r["dgc"]["phi"], list(model.parameters())) <= 1e-6
+        assert all(torch.equal(a == 0, b == 0) for a, b in zip(r["dgc"]["u"], opt.u))
+        assert sum(int((u == 0).sum()) for u in opt.u) >= NUMEL // 8      # k = 8 of every 64 sent
+        assert max_diff(r["dgc"]["v"], opt.v) <= 1e-4
+    assert_all_equal([r["dgc"]["phi"] for r in nodes["ranks"]])
 
 
 def test_resume_from_state_dict_is_bitwise(nodes):
