@@ -143,6 +143,11 @@ class SimulateConfig(OuterConfig):
     bandwidth: str = opt("100Mbit", "Per-worker link bandwidth each way, e.g. 100Mbit, 1Gbit, 12.5MB/s.")
     latency: str = opt("50ms", "Latency per message hop, e.g. 50ms.")
     step_time: str = opt("auto", "Compute time of one inner step, e.g. 200ms; 'auto' measures it here on one core.")
+    step_time_jitter: float = opt(0.0, "Spread of the step time: each worker's every step takes --step-time times a "
+                                  "factor drawn from a lognormal of mean 1 with this coefficient of variation "
+                                  "(seeded). Synchronous rounds wait for the slowest member, so jitter costs wall "
+                                  "clock that a fixed step time hides; machines shared with other work, or of "
+                                  "uneven speed, jitter. 0: every step takes --step-time.")
     backward_share: str = opt("auto", "Share of a step's compute that is the backward pass, during which ddp's "
                               "bucketed gradient all-reduce already runs (as torch DDP's does), in [0, 1]; 'auto' "
                               "measures it with the step time, or takes 2/3 (backward = twice forward's FLOPs) when "

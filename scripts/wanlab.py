@@ -30,7 +30,11 @@ both and their ratio. The lab's nodes share this machine's cores and compute
 at somewhat different speeds, while the simulator's workers are alike: a
 synchronous swarm goes at the pace of its slowest member, so the simulator
 gets the slowest node's step time, and its predicted utilisation is set
-beside that node's. Results go to ``--out`` as JSON.
+beside that node's. Their compute per step also varies from round to round,
+and a round waits for whichever member is slow in it: the simulator gets the
+spread the lab measured between the nodes' rounds as ``--step-time-jitter``
+(`step_jitter`; torch DDP times no rounds, so its prediction has none).
+Results go to ``--out`` as JSON.
 
 Needs root and network namespaces; without them it says so in one line and
 exits 2. Everything it makes is removed on exit, on Ctrl+C and on failure.
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -49,7 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import mean, median
+from statistics import mean, median, pstdev
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -187,23 +192,54 @@ def run_join(lab: NetLab, algorithm: str, args, run_dir: Path) -> dict:
         last = rounds[-1]
         steps = last["step"] - start_rec["step"]
         times = [b["t"] - a["t"] for a, b in zip([start_rec, *rounds], rounds)]
+        # compute seconds per step in each round (the spread across nodes is what makes rounds wait)
+        per_step = [(b["compute_s"] - a.get("compute_s", 0.0)) / max(b["step"] - a["step"], 1)
+                    for a, b in zip([start_rec, *rounds], rounds)]
         nodes.append({"node": i, "wall_s": last["t"] - start_rec["t"], "compute_s": last["compute_s"],
                       "wait_s": last["wait_s"], "compute_step_s": last["compute_s"] / max(steps, 1),
                       "steps": steps, "wire_sent": after[i][0] - before[i][0],
                       "wire_received": after[i][1] - before[i][1], "bytes_sent": last["bytes_sent"],
                       "bytes_received": last["bytes_received"], "round_s": median(times),
                       "participants": mean(r["participants"] for r in rounds), "rounds": len(rounds),
+                      "round_step_s": per_step, "round_steps": [b["step"] - a["step"] for a, b
+                                                                in zip([start_rec, *rounds], rounds)],
                       "final_loss": last["loss"]})
     return {"nodes": nodes}
 
 
+def step_jitter(nodes: list[dict]) -> float:
+    """The simulator's ``--step-time-jitter`` for a run of `run_join`: how far the
+    nodes' compute per step spreads across nodes within a round, as a coefficient
+    of variation per step.
+
+    A synchronous round waits for its slowest member, so what costs wall clock
+    is the spread between nodes in the same round, not a slowdown all share
+    (the lab's nodes share cores: contention slows them together). So: for each
+    round (the first, with start-up, left out), each node's compute per step
+    relative to the round's mean over nodes; their standard deviation (n / (n-1)
+    corrected) is the spread of a round of k steps, and times sqrt(k) that of
+    one step (the simulator draws steps independently). 0 when there are too
+    few rounds or nodes to tell."""
+    rounds = min(len(n["round_step_s"]) for n in nodes)
+    if len(nodes) < 2 or rounds < 3:
+        return 0.0
+    devs = []
+    for r in range(1, rounds):
+        col = [n["round_step_s"][r] for n in nodes]
+        m = mean(col)
+        devs += [(x - m) / m for x in col if m > 0]
+    cv = pstdev(devs) * math.sqrt(len(nodes) / (len(nodes) - 1))
+    k = mean(n["round_steps"][r] for n in nodes for r in range(1, rounds))
+    return cv * math.sqrt(k)
+
+
 def simulate(algorithm: str, args, step_time: float, backward_share: float | None, latency: float,
-             run_dir: Path, name: str) -> dict:
+             run_dir: Path, name: str, jitter: float = 0.0) -> dict:
     """`lowcomm simulate`'s prediction for the lab's run, at the lab's measured step time."""
     argv = [sys.executable, "-m", "lowcomm", "simulate", "--task", args.task, "--workers", str(args.nodes),
             "--steps", str(args.steps), "--algorithms", algorithm, "--bandwidth", args.bandwidth,
             "--latency", f"{latency * 1e3:.3f}ms", "--step-time", f"{step_time * 1e3:.3f}ms", "--out", str(run_dir),
-            "--name", name, "--no-progress"]
+            "--name", name, "--no-progress", "--step-time-jitter", f"{jitter:.4f}"]
     if args.sync_every:
         argv += ["--sync-every", str(args.sync_every)]
     if backward_share is not None:
@@ -310,9 +346,12 @@ def main() -> None:
                            "mean_compute_utilization": mean(n["compute_s"] / n["wall_s"] for n in nodes),
                            "step_time_s": step_time, "step_time_spread": step_time / min(n["compute_step_s"]
                                                                                         for n in nodes)}
+        # torch DDP's ranks time no rounds of their own: its prediction has no jitter
+        jitter = step_jitter(nodes) if "round_step_s" in nodes[0] else 0.0
+        run["measured"]["step_jitter"] = jitter
         if homogeneous:
             sim = simulate(sim_algorithm, args, step_time, share, results["link"]["round_trip_s"] / 2, run_dir,
-                           f"sim-{algorithm}")
+                           f"sim-{algorithm}", jitter)
             run["predicted"] = {"wall_s": sim["predicted_wall_clock_s"],
                                 "compute_utilization": sim["compute_utilization"]}
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -324,15 +363,16 @@ def print_tables(results: dict) -> None:
     print(f"\n{results['nodes']} nodes at {results['bandwidth']} ({results['backend']}, {results['task']}, "
           f"{results['steps']} steps; {results['date']}, {results['machine']})\n")
     print("| algorithm | measured wall | predicted wall | predicted / measured | measured util (slowest node) "
-          "| predicted util | step time (slowest node) |")
-    print("|---|---|---|---|---|---|---|")
+          "| predicted util | step time (slowest node) | step jitter |")
+    print("|---|---|---|---|---|---|---|---|")
     for algorithm, run in results["algorithms"].items():
         m, p = run["measured"], run.get("predicted")
         pred = (f"{p['wall_s']:.1f} s | {p['wall_s'] / m['wall_s']:.3f} | {m['compute_utilization']:.3f} | "
                 f"{p['compute_utilization']:.3f}") if p else "n/a | n/a | " + f"{m['compute_utilization']:.3f} | n/a"
         name = {"ddp": "ddp (torch DDP, gloo)", "lowcomm-ddp": "ddp (lowcomm DataParallel, swarm)"}.get(
             algorithm, algorithm)
-        print(f"| {name} | {m['wall_s']:.1f} s | {pred} | {m['step_time_s'] * 1e3:.0f} ms |")
+        print(f"| {name} | {m['wall_s']:.1f} s | {pred} | {m['step_time_s'] * 1e3:.0f} ms "
+              f"| {m.get('step_jitter', 0.0):.2f} |")
     print("\nper node:\n")
     print("| algorithm | node | wall | compute | waiting | sent (lowcomm) | sent (wire) | received (wire) "
           "| s / round | participants |")

@@ -9,12 +9,14 @@ deterministic and the step time means "one core".
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from lowcomm.config import ConfigError, SimulateConfig
@@ -105,6 +107,18 @@ def round_record(algorithm: str, step: int, train_loss: float, stats, clock: Wor
             "bytes_received": stats.bytes_received, "compute_s": clock.compute, "wait_s": clock.stall}
 
 
+def step_factors(cv: float, seed: int, rank: int) -> Iterator[float]:
+    """Factors of worker ``rank``'s step times, one per step: lognormal with mean 1
+    and coefficient of variation ``cv`` (sigma^2 = ln(1 + cv^2), mu = -sigma^2 / 2),
+    drawn from a generator seeded by (seed, rank), so a run's clocks repeat; all
+    1.0 when ``cv`` is 0."""
+    if cv == 0:
+        return itertools.repeat(1.0)
+    sigma = math.sqrt(math.log1p(cv * cv))
+    rng = np.random.default_rng([seed, rank, 0x57E9])
+    return (float(f) for f in iter(lambda: rng.lognormal(-sigma * sigma / 2, sigma), None))
+
+
 def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: int, step_time: float,
                   network: Network, on_step: Callable[[int], None] | None = None,
                   on_round: Callable[[str], None] | None = None,
@@ -144,6 +158,7 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
                 out.fragment_numels = [sum(t.numel() for t in phi) for phi in opt.phi]
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, steps))
         data = task.batches(rank, n, cfg.seed)
+        jitter = step_factors(cfg.step_time_jitter, cfg.seed, rank)
         clock = net.clocks[timed.peer_id]
         rows, train_loss, rounds_seen = [], float("nan"), 0
         for step in range(steps + 1):
@@ -151,7 +166,7 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
                 loss = task.loss(model, next(data))
                 loss.backward()
                 train_loss = loss.item()
-                net.compute(timed.peer_id, step_time)
+                net.compute(timed.peer_id, step_time * next(jitter))
                 opt.step()
                 opt.zero_grad()
                 schedule.step()

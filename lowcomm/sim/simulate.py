@@ -50,6 +50,9 @@ def validate(cfg: SimulateConfig) -> None:
         raise ConfigError("--shards", str(e)) from None
     if cfg.lr < 0:
         raise ConfigError("--lr", f"must be positive (or 0 for the task default), got {cfg.lr}")
+    if not 0 <= cfg.step_time_jitter <= 10:
+        raise ConfigError("--step-time-jitter", f"must be a coefficient of variation in [0, 10] (e.g. 0.3), "
+                                                f"got {cfg.step_time_jitter}")
     cfg.check_outer()
     check_aggregator(cfg.aggregator)
     cfg.algorithm_list()
@@ -142,7 +145,8 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
         step_time, measured, backward_share, share_measured = step_time_of(cfg, task, lr)
         run_dir = Path(cfg.out) / (cfg.name or f"simulate-{cfg.seed}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        step_note = (f"step time {step_time * 1e3:.1f} ms{' (measured)' if measured else ''}, "
+        jitter = f" (jitter {cfg.step_time_jitter:.0%})" if cfg.step_time_jitter else ""
+        step_note = (f"step time {step_time * 1e3:.1f} ms{' (measured)' if measured else ''}{jitter}, "
                      f"backward {backward_share:.0%} of it{' (measured)' if share_measured else ''}")
         console.print(f"[bold]lowcomm simulate[/]: task {task.name}, {cfg.workers} workers, {steps} steps each, "
                       f"{cfg.bandwidth} / {cfg.latency} links, {step_note} -> {run_dir}")

@@ -128,6 +128,7 @@ def test_plan_prints_a_table():
     (["--task", "tests.sim.tinytask:broken"], "--task"),
     (["--step-time", "soon"], "--step-time"),
     (["--backward-share", "1.5"], "--backward-share"),
+    (["--step-time-jitter", "-0.1"], "--step-time-jitter"),
     (["--sync-every", "10", "--fragments", "3"], "--streaming"),
 ])
 def test_bad_input_is_one_line_exit_2(args, flag):
@@ -155,3 +156,38 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert "workers = 3 (from config file)" in r.stdout and "sync_every = 7 (from flag)" in r.stdout
     config = json.loads((tmp_path / "x" / "config.json").read_text())
     assert config["simulate"]["workers"] == 3 and config["steps"] == 7
+
+
+def test_step_factors_have_mean_one_the_asked_spread_and_repeat():
+    import itertools
+    import statistics
+
+    from lowcomm.sim.runner import step_factors
+    assert list(itertools.islice(step_factors(0.0, 0, 3), 4)) == [1.0] * 4
+    draws = list(itertools.islice(step_factors(0.4, 7, 1), 100_000))
+    assert statistics.fmean(draws) == pytest.approx(1.0, abs=0.01)
+    assert statistics.pstdev(draws) / statistics.fmean(draws) == pytest.approx(0.4, abs=0.01)
+    assert draws[:50] == list(itertools.islice(step_factors(0.4, 7, 1), 50))   # seeded by (seed, rank)
+    assert draws[:50] != list(itertools.islice(step_factors(0.4, 7, 2), 50))
+
+
+def test_step_time_jitter_makes_each_round_wait_for_its_slowest_worker(tmp_path):
+    """DiLoCo, 2 workers, a network that costs nothing: each of the 4 rounds ends
+    when the slower worker has done its 10 steps, so the wall clock is the sum
+    over rounds of the larger of the two workers' compute (their step factors
+    drawn as the simulator draws them)."""
+    import itertools
+
+    from lowcomm.sim.runner import step_factors
+    walls = {}
+    for cv in (0.0, 0.5):
+        cfg = SimulateConfig(task=TINY, algorithms="diloco", steps=40, eval_every=40, sync_every=10, workers=2,
+                             step_time="10ms", step_time_jitter=cv, bandwidth="100000Gbit", latency="0ms",
+                             out=str(tmp_path), name=f"cv{cv}", progress=False)
+        run_dir = simulate(cfg, Console(file=open(os.devnull, "w")))
+        walls[cv] = json.loads((run_dir / "summary.json").read_text())["diloco"]["predicted_wall_clock_s"]
+    f = [list(itertools.islice(step_factors(0.5, 0, r), 40)) for r in range(2)]
+    expected = sum(max(sum(0.01 * x for x in f[r][k:k + 10]) for r in range(2)) for k in range(0, 40, 10))
+    assert walls[0.0] == pytest.approx(0.4, rel=1e-6)
+    assert walls[0.5] == pytest.approx(expected, rel=1e-6)
+    assert walls[0.5] > 0.4 * 1.05   # the slower of two: above the mean step time
