@@ -169,6 +169,7 @@ class OuterOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
 
     def _load_base_state(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
+        self.param_groups = self.inner.param_groups  # torch's load made new groups: share them again (LR schedulers)
         self.stats = Stats(**state["stats"])
         if isinstance(self.compression, ErrorFeedback):
             self.compression.load_state_dict(state["error_feedback"] or {})

@@ -90,6 +90,20 @@ def test_a_stats_dict_saved_before_wait_s_existed_loads_with_zero():
     assert opt.stats.wait_s == 0.0
 
 
+@pytest.mark.parametrize("cls", [DiLoCo, NoLoCo, SparseLoCo, DataParallel])
+def test_after_load_state_dict_an_lr_scheduler_still_drives_the_inner_optimizer(cls):
+    # torch's Optimizer.load_state_dict replaces param_groups with new dicts; the outer's must follow
+    model = mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = cls(model.parameters(), inner, LocalSwarm(1).averager(0))
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is inner.param_groups
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    train(model, opt, 0, 2, same_batches=True)
+    sched.step()
+    assert inner.param_groups[0]["lr"] == 0.05
+
+
 def test_public_views_of_global_weights_codec_and_round():
     def build(cls, model, **kw):
         return cls(model.named_parameters(), torch.optim.SGD(model.parameters(), lr=0.1),
