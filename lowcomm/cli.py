@@ -97,6 +97,13 @@ def _plan(config: PlanConfig) -> None:
 def _join(config: JoinConfig) -> None:
     from lowcomm.join.node import Node, Refused
 
+    if config.nproc_per_node > 1:  # G rank processes (lowcomm.join.launch); they print their own errors
+        from lowcomm.join.launch import Launcher
+
+        code = Launcher(config, console).run()
+        if code:
+            raise typer.Exit(code)
+        return
     try:
         Node(config, console).run()
     except Refused as e:

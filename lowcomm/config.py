@@ -221,6 +221,11 @@ class JoinConfig(OuterConfig):
     wait_for: int = opt(0, "Before the first step, wait until this many nodes (this one included) are in the "
                         "swarm, to start a planned run together (0: start at once).")
     window: float = opt(5.0, "Seconds a round waits for missing peers.")
+    nproc_per_node: int = opt(1, "Processes (ranks; e.g. one per GPU) of this node, one worker of the swarm, "
+                              "torchrun-style: rank r trains on its own batches, the ranks average gradients every "
+                              "step, and each syncs 1/G of every outer exchange in a swarm of its slot, listening on "
+                              "--listen's port + r. Every node of a swarm sets the same value; rank 0 is the node "
+                              "(its peer id, its status line, the worker's bytes summed over the ranks).")
     secret_file: str = opt("", "File whose bytes (16 or more) are the swarm's shared secret, e.g. from "
                            "`head -c 32 /dev/urandom > swarm.secret`: every message is authenticated with it, "
                            "so nodes without it can neither join nor download the model. Copy it to every node.")

@@ -61,8 +61,12 @@ class CatchUp:
     """The catch-up policy of one node (see the module docstring)."""
 
     def __init__(self, opt: OuterOptimizer, swarm: Swarm, protocol: JoinProtocol, console: Console,
-                 patience: float = 15.0, stopping: Callable[[], bool] = lambda: False):
+                 patience: float = 15.0, stopping: Callable[[], bool] = lambda: False,
+                 load: Callable[[dict], None] | None = None):
         self.opt, self.swarm, self.protocol, self.console = opt, swarm, protocol, console
+        #: How a fetched shared state is adopted: ``opt.load_shared_state_dict``, or for a
+        #: node of several ranks a broadcast that loads it on every rank (`lowcomm.join.group`).
+        self.load = load or opt.load_shared_state_dict
         #: Whether the node is stopping: a catch-up waiting for the swarm's state gives up at once.
         self.stopping = stopping
         #: Seconds a node out of sync waits for a member to serve the state of the round it missed.
@@ -110,7 +114,7 @@ class CatchUp:
         if fetched is None:
             return False
         try:
-            self.opt.load_shared_state_dict(fetched.state)
+            self.load(fetched.state)
         except (ValueError, LookupError, TypeError, AttributeError) as e:  # other shapes, or another layout
             self.console.print(f"[yellow]could not catch up from {fetched.peer[:16]}…: {escape(str(e))}[/]",
                                highlight=False)

@@ -11,6 +11,7 @@ settings.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +69,20 @@ def claim_folder(base: str | Path, find_free: bool, console: Console) -> FolderL
 
 class NodeCheckpoint:
     """The checkpoint ``<folder>/node.*`` of a node whose run settings hash to
-    ``settings_hash``; ``console`` gets a line for a checkpoint it skips."""
+    ``settings_hash``; ``console`` gets a line for a checkpoint it skips.
 
-    def __init__(self, folder: Path, settings_hash: str, run_id: str, console: Console):
-        self.path = Path(folder) / CHECKPOINT
+    A node of G ranks (``rank``, ``ranks``: `lowcomm.join.group`) keeps one per
+    rank, ``<folder>/node-rank{r}.*`` (model, inner and outer optimizer state
+    with the rank's own error-feedback residuals), all written at the same
+    step; a rank loads its own only if every rank's is there at the same step
+    (a node killed while writing them starts without), so the ranks resume
+    together, bitwise."""
+
+    def __init__(self, folder: Path, settings_hash: str, run_id: str, console: Console, rank: int = 0,
+                 ranks: int = 1):
+        names = [CHECKPOINT] if ranks == 1 else [f"{CHECKPOINT}-rank{r}" for r in range(ranks)]
+        self.paths = [Path(folder) / name for name in names]
+        self.path = self.paths[rank]
         self.hash, self.run_id, self.console = settings_hash, run_id, console
 
     def save(self, model: torch.nn.Module, opt: OuterOptimizer) -> None:
@@ -86,6 +97,10 @@ class NodeCheckpoint:
         if not path.with_suffix(".json").exists() and not path.with_suffix(".safetensors").exists():
             return None
         try:
+            steps = {self._step(p) for p in self.paths}
+            if len(steps) > 1:
+                raise CheckpointError(f"the ranks' checkpoints are at different steps "
+                                      f"({', '.join(map(str, sorted(steps, key=str)))})")
             state, meta = load_state(path)
             if meta.get("hash") != self.hash:
                 raise CheckpointError(f"it was written for other settings ({meta.get('hash')})")
@@ -97,3 +112,11 @@ class NodeCheckpoint:
             return None
         self.console.print(f"resumed from checkpoint at step {meta['step']}", highlight=False)
         return int(meta["step"])
+
+    @staticmethod
+    def _step(path: Path) -> int | None:
+        """The step in the meta of the checkpoint at ``path`` (None: missing or unreadable)."""
+        try:
+            return json.loads(path.with_suffix(".json").read_bytes())["meta"]["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None

@@ -35,6 +35,7 @@ import socket
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -43,11 +44,13 @@ from lowcomm.compressors import wire_size
 from lowcomm.config import ConfigError, JoinConfig, OuterConfig, check_aggregator
 from lowcomm.join.catchup import CatchUp
 from lowcomm.join.checkpoints import FolderLock, NodeCheckpoint, claim_folder
+from lowcomm.join.group import RankGroup, rank_identity, with_port
 from lowcomm.join.protocol import JoinProtocol, Refused
 from lowcomm.join.settings import run_settings, settings_hash
-from lowcomm.metrics import Sinks, open_sinks
+from lowcomm.metrics import Sinks, open_sinks, parse_sinks
 from lowcomm.optimizers import OuterOptimizer
 from lowcomm.optimizers.registry import ALGORITHMS, build_optimizer, settings_for
+from lowcomm.optimizers.worker_group import broadcast_shared_state
 from lowcomm.p2p.private import MIN_SECRET_BYTES
 from lowcomm.sim.report import format_bytes
 from lowcomm.tasks import TaskError, load_task
@@ -105,17 +108,27 @@ def phi_digest(opt: OuterOptimizer) -> str:
 class Node:
     """One volunteer node (see the module docstring)."""
 
-    def __init__(self, cfg: JoinConfig, console: Console):
+    def __init__(self, cfg: JoinConfig, console: Console, group: RankGroup | None = None):
         self.cfg, self.console = cfg, console
+        #: The node's ranks when it is one of G processes (``--nproc-per-node``; `lowcomm.join.group`), else None.
+        self.group = group
+        self.lead = group is None or group.lead  # rank 0 speaks for the node
         self.stop_requested = False
+        self._stop_agreed = False  # with a group: every rank stops at the step some rank asked to
         self.swarm = None
         self.opt: OuterOptimizer | None = None
         self.folder: FolderLock | None = None
         self.metrics = Sinks([])
 
     # --- set-up ---
-    def _validate(self) -> list[str]:
+    def validate(self) -> list[str]:
+        """Check the settings (`ConfigError` naming the flag); returns the bootstrap peers."""
         cfg = self.cfg
+        if cfg.nproc_per_node < 1:
+            raise ConfigError("--nproc-per-node", f"must be >= 1, got {cfg.nproc_per_node}")
+        if cfg.nproc_per_node > 1 and cfg.allow:
+            raise ConfigError("--allow", "is not supported with --nproc-per-node > 1 yet (ranks other than 0 "
+                                         "have peer ids of their own); use --secret-file for a private swarm")
         if cfg.backend not in ("hivemind", "libp2p"):
             raise ConfigError("--backend", f"must be hivemind or libp2p, got {cfg.backend!r}")
         outer = [name for name, spec in ALGORITHMS.items() if spec.periodic]
@@ -135,12 +148,21 @@ class Node:
             check_multiaddr("--peers", p, need_peer_id=True)
         if cfg.announce:
             check_multiaddr("--announce", cfg.announce, need_peer_id=False)
-        check_port_free(cfg.listen)
+        ranks = [self.group.rank] if self.group else range(cfg.nproc_per_node)
+        for r in ranks:
+            check_port_free(with_port(cfg.listen, r))
         self.secret = read_secret(cfg.secret_file) if cfg.secret_file else None
         for peer in cfg.allow_list() or []:
             if not PEER_ID.match(peer):
                 raise ConfigError("--allow", f"{peer!r} is not a peer id (base58, like 12D3KooW...)")
-        self.metrics = open_sinks(cfg.log_to, "--log-to")  # last: nothing after it can fail
+        parse_sinks(cfg.log_to, "--log-to")
+        return peers
+
+    def _validate(self) -> list[str]:
+        """`validate`, then open the ``--log-to`` sinks (rank 0's: it writes the node's records)."""
+        peers = self.validate()
+        if self.lead:
+            self.metrics = open_sinks(self.cfg.log_to, "--log-to")  # last: nothing after it can fail
         return peers
 
     def _build(self) -> None:
@@ -155,23 +177,42 @@ class Node:
         self.settings = settings_for(cfg.algorithm, cfg.outer_options())
         self.model = self.task.make_model(cfg.seed)
         self.inner = self.task.make_inner(self.model, cfg.lr or self.task.default_lr)
-        self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings, cfg.aggregator)
+        self.run_settings = run_settings(cfg.task, cfg.data, self.model, self.settings, cfg.aggregator,
+                                         cfg.nproc_per_node)
         self.hash = settings_hash(self.run_settings)
 
     def _join_swarm(self, peers: list[str]) -> None:
         from lowcomm.p2p import BootstrapFailed, Swarm, TransportError
         from lowcomm.p2p.backends import BackendConflict
 
-        cfg = self.cfg
-        self.folder = claim_folder(cfg.checkpoint_dir, cfg.checkpoint_dir == JoinConfig.checkpoint_dir,
-                                   self.console)
-        self.checkpoint = NodeCheckpoint(self.folder.folder, self.hash, cfg.run_id, self.console)
-        identity = cfg.identity or str(self.folder.folder / "identity.key")
+        cfg, group = self.cfg, self.group
+        if group is None:
+            self.folder = claim_folder(cfg.checkpoint_dir, cfg.checkpoint_dir == JoinConfig.checkpoint_dir,
+                                       self.console)
+            folder, rank, ranks = self.folder.folder, 0, 1
+        else:  # the launcher holds the folder
+            folder, rank, ranks = Path(cfg.checkpoint_dir), group.rank, group.size
+        self.checkpoint = NodeCheckpoint(folder, self.hash, cfg.run_id, self.console, rank, ranks)
+        identity = cfg.identity or str(folder / "identity.key")
+        run_id, listen, announce = f"{cfg.run_id}/{self.hash}", cfg.listen, cfg.announce
+        if group is not None:  # rank r: the swarm of slot r, bootstrapped from rank 0 (see lowcomm.join.group)
+            run_id = f"{run_id}/part{rank}of{ranks}"
+            listen, announce = with_port(listen, rank), with_port(announce, rank)
+            if rank > 0:
+                first = group.broadcast_json()  # rank 0's addresses, once its swarm is up
+                if first is None:
+                    raise ConfigError("--listen", "rank 0 of this node could not join the swarm")
+                peers = first[:1] + peers
+                identity = str(rank_identity(Path(identity), rank))
         try:
-            self.swarm = Swarm.join(peers, run_id=f"{cfg.run_id}/{self.hash}", backend=cfg.backend,
-                                    listen=[cfg.listen], announce=[cfg.announce] if cfg.announce else [],
-                                    identity_path=identity, window=cfg.window, secret=self.secret,
-                                    allow=cfg.allow_list(), aggregator=cfg.aggregator)
+            try:
+                self.swarm = Swarm.join(peers, run_id=run_id, backend=cfg.backend, listen=[listen],
+                                        announce=[announce] if announce else [], identity_path=identity,
+                                        window=cfg.window, secret=self.secret, allow=cfg.allow_list(),
+                                        aggregator=cfg.aggregator)
+            finally:
+                if group is not None and rank == 0:
+                    group.broadcast_json(self.swarm.addrs() if self.swarm is not None else None)
         except BackendConflict as e:
             raise ConfigError("--backend", str(e)) from None
         except BootstrapFailed:
@@ -180,18 +221,63 @@ class Node:
         except TransportError as e:
             raise ConfigError("--listen", f"could not start the network: {e}") from None
         self.protocol = JoinProtocol(self.swarm, cfg.run_id, self.run_settings, self.hash, self.console)
-        self.protocol.serve()
-        self.console.print(f"peer id {self.swarm.peer_id} (its key: {identity})", highlight=False)
+        if self.lead:
+            self.protocol.serve()
+        self.console.print(f"peer id {self.swarm.peer_id} (its key: {identity})"
+                           f"{f'; {ranks} ranks' if ranks > 1 else ''}", highlight=False)
+        #: The node's peer id (rank 0's): it seeds the data order of every rank.
+        self.node_id = self.swarm.peer_id if group is None else group.broadcast_json(self.swarm.peer_id)
         try:
-            self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm)
+            self.opt = build_optimizer(self.settings, self.model, self.inner, self.swarm,
+                                       worker_group=group.pg if group else None)
         except ValueError as e:
             raise ConfigError(f"--{cfg.algorithm}", str(e)) from None
+        load = None
+        if group is not None:
+            def load(state: dict) -> None:  # rank 0 adopts a state: every rank loads it (see _follow)
+                group.broadcast_json(True)
+                broadcast_shared_state(self.opt, state)
         self.catchup = CatchUp(self.opt, self.swarm, self.protocol, self.console,
-                               stopping=lambda: self.stop_requested)
+                               stopping=lambda: self.stop_requested, load=load)
+
+    def _catch_up(self, policy: Callable[[], None]) -> None:
+        """Run the catch-up ``policy`` (a `CatchUp` method) for the node: alone, or on
+        rank 0 while the other ranks follow (`_follow`): a collective of the ranks."""
+        if self.group is None:
+            policy()
+        elif self.lead:
+            try:
+                policy()
+            finally:
+                self.group.broadcast_json(False)
+        else:
+            self._follow()
+
+    def _follow(self) -> None:
+        """Ranks other than 0: load each state rank 0 adopts, until it says it is done."""
+        while self.group.broadcast_json():
+            try:
+                broadcast_shared_state(self.opt, None)
+            except (ValueError, LookupError, TypeError, AttributeError):
+                continue  # rank 0 failed to load it alike, and says why
+            self.swarm.forget_rounds()
 
     def _snapshot(self) -> None:
-        """Serve the current shared state to nodes that join or catch up."""
-        self.protocol.publish(self.opt.shared_state_dict(), self.opt.step_count)
+        """Serve the current shared state to nodes that join or catch up (rank 0 serves the node's)."""
+        if self.lead:
+            self.protocol.publish(self.opt.shared_state_dict(), self.opt.step_count)
+
+    def _stopping(self) -> bool:
+        """Whether to leave the training loop: asked for here, or (ranks of a node) agreed by the ranks."""
+        return self._stop_agreed if self.group is not None else self.stop_requested
+
+    def _worker_bytes(self) -> tuple[int, int]:
+        """Wire bytes sent and received by the worker: this node's, or summed over its ranks (a collective)."""
+        s = self.opt.stats
+        if self.group is None:
+            return s.bytes_sent, s.bytes_received
+        sent, received = self.group.sum([s.bytes_sent, s.bytes_received])
+        return int(sent), int(received)
 
     # --- running ---
     def _on_signal(self, signum, frame) -> None:
@@ -214,14 +300,18 @@ class Node:
             signal.signal(signal.SIGTERM, self._on_signal)
             self._join_swarm(peers)
             try:
-                if peers:
+                if peers and self.lead:
                     self.protocol.greet(peers)
-                self.catchup.at_start(self.checkpoint.load(self.model, self.opt), have_peers=bool(peers))
+                step = self.checkpoint.load(self.model, self.opt)
+                self._catch_up(lambda: self.catchup.at_start(step, have_peers=bool(peers)))
                 self._snapshot()
-                if not peers:
+                if not peers and self.lead:
                     self._print_join_line()
-                self._wait_for_nodes()
-                if not self.stop_requested:
+                if self.lead:
+                    self._wait_for_nodes()
+                if self.group is not None:
+                    self._agree_to_start()
+                if not self._stopping():
                     self._train()
             finally:
                 if self.opt is not None:
@@ -246,12 +336,26 @@ class Node:
                 shown = have
             time.sleep(0.2)
 
+    def _agree_to_start(self) -> None:
+        """Ranks of a node: take rank 0's word on whether to train, and let each slot's
+        swarm see as many members as rank 0's does (30 s at most) before the first
+        round: a rank whose membership view is older than the swarm (the node that
+        was waiting when another joined) would average its slice alone."""
+        stop, want = self.group.broadcast_json([self.stop_requested, len(self.swarm.members())] if self.lead
+                                               else None)
+        self._stop_agreed = stop
+        if not self.lead and not stop and want > 1:
+            try:
+                self.swarm.wait_for_members(want, timeout=30)
+            except TimeoutError:
+                self.console.print(f"[yellow]the swarm of slot {self.group.rank} has fewer members than slot 0's[/]")
+
     def _print_join_line(self) -> None:
         cfg = self.cfg
         addr = self.swarm.addrs()[0]
         extra = [f"--run-id {shlex.quote(cfg.run_id)}"] if cfg.run_id != "lowcomm" else []
         shared = ["backend", "task", "data", "algorithm", "aggregator", *(f.name for f in fields(OuterConfig)),
-                  "secret_file", "allow"]  # what every node must set alike
+                  "nproc_per_node", "secret_file", "allow"]  # what every node must set alike
         defaults = JoinConfig()
         for name in shared:
             flag, value = "--" + name.replace("_", "-"), getattr(cfg, name)
@@ -273,49 +377,57 @@ class Node:
     def _train(self) -> None:
         cfg, task, opt = self.cfg, self.task, self.opt
         # every node reads the whole training set in its own order, seeded by its peer id
-        order = int(hashlib.sha256(f"{cfg.seed}/{self.swarm.peer_id}".encode()).hexdigest()[:8], 16)
-        data = task.batches(0, 1, order)
+        # (ranks of a node: rank r reads the task's batches of rank r of G, in the node's order)
+        order = int(hashlib.sha256(f"{cfg.seed}/{self.node_id}".encode()).hexdigest()[:8], 16)
+        group = self.group
+        data = task.batches(group.rank, group.size, order) if group else task.batches(0, 1, order)
+        ranks = group.size if group else 1
         numel = sum(p.numel() for p in self.model.parameters())
         ratio = numel * 4 / wire_size(opt.codec, numel) if opt.codec is not None else 1.0
-        eval_loss = task.evaluate(self.model)
+        eval_loss = task.evaluate(self.model) if self.lead else float("nan")
         self.console.print(f"eval loss {eval_loss:.4f} at step {opt.step_count}", highlight=False)
-        meter = Meter(opt)
+        meter = Meter(opt, counters=self._worker_bytes)
         self.metrics.write({"event": "start", "t": 0.0, "step": opt.step_count, "round": opt.swarm_round,
                             "peer_id": self.swarm.peer_id, "eval_loss": eval_loss})
         rounds_seen, tokens, t_last = opt.stats.outer_rounds, 0, time.monotonic()
         since_ckpt = 0
-        while not self.stop_requested and (cfg.max_steps == 0 or opt.step_count < cfg.max_steps):
+        while not self._stopping() and (cfg.max_steps == 0 or opt.step_count < cfg.max_steps):
             t_start = time.monotonic()
             loss = task.loss(self.model, next(data))
             loss.backward()
+            if group is not None and group.step(self.model, self.stop_requested):
+                self._stop_agreed = True  # every rank leaves here, before the step
+                break
             t_step, waited = time.monotonic(), opt.stats.wait_s
             opt.step()
             opt.zero_grad()
             now = time.monotonic()
             meter.computed(now - t_start - (opt.stats.wait_s - waited))
-            tokens += task.tokens_per_batch
+            tokens += task.tokens_per_batch * ranks
             if opt.stats.outer_rounds == rounds_seen:
                 continue
             rounds_seen = opt.stats.outer_rounds
             members = len(self.swarm.known_members)
             excluded = len(self.swarm.exclusions.excluded())
+            sent, received = self._worker_bytes()
+            record = self.round_record(meter, now, loss.item(), tokens / max(now - t_last, 1e-9), now - t_step,
+                                       members, excluded)
             self.console.print(
                 f"round {opt.swarm_round:4d} | step {opt.step_count:6d} | peers {opt.stats.last_group_size}/{members}"
                 f"{f' ({excluded} excluded)' if excluded else ''} | "
                 f"loss {loss.item():.4f} | {tokens / max(now - t_last, 1e-9):,.0f} tok/s | "
-                f"sent {format_bytes(opt.stats.bytes_sent)} recv {format_bytes(opt.stats.bytes_received)} | "
+                f"sent {format_bytes(sent)} recv {format_bytes(received)} | "
                 f"x{ratio:.1f} compression | round {now - t_step:.2f} s | phi {phi_digest(opt)}", highlight=False,
                 soft_wrap=True)
-            self.metrics.write(self.round_record(meter, now, loss.item(), tokens / max(now - t_last, 1e-9),
-                                                 now - t_step, members, excluded))
+            self.metrics.write(record)
             tokens, t_last = 0, now
-            self.catchup.after_round(stopping=self.stop_requested)
+            self._catch_up(lambda: self.catchup.after_round(stopping=self.stop_requested))
             self._snapshot()
             since_ckpt += 1
             if since_ckpt >= cfg.checkpoint_every:
                 self.checkpoint.save(self.model, opt)
                 since_ckpt = 0
-        eval_loss = task.evaluate(self.model)
+        eval_loss = task.evaluate(self.model) if self.lead else float("nan")
         self.console.print(f"eval loss {eval_loss:.4f} at step {opt.step_count}", highlight=False)
         totals = meter.totals(time.monotonic())
         self.metrics.write({"event": "stop", "t": totals["t"], "step": opt.step_count, "round": opt.swarm_round,
@@ -329,7 +441,9 @@ class Node:
         ``tokens_per_s`` (since the last round), ``bytes_sent`` and
         ``bytes_received`` (wire bytes), ``round_s`` (the step that ended the round),
         ``compute_s`` (forward, backward and local optimizer work) and ``wait_s``
-        (blocked on averaging results); counters since training started."""
+        (blocked on averaging results); counters since training started. A node of
+        several ranks: the worker's bytes (summed over ranks; a collective), rank 0's
+        times."""
         opt = self.opt
         totals = meter.totals(now)
         return {"t": totals["t"], "step": opt.step_count, "round": opt.swarm_round,
@@ -342,16 +456,19 @@ class Node:
 class Meter:
     """Counters of one training session of ``opt``: seconds since it started,
     seconds of compute, and the optimizer's wire bytes and waiting since it
-    started (counters a checkpoint restored are not this session's)."""
+    started (counters a checkpoint restored are not this session's).
+    ``counters``: the wire bytes (sent, received) to count, if not ``opt.stats``'s
+    (a node of several ranks counts the worker's)."""
 
-    def __init__(self, opt: OuterOptimizer, start: float | None = None):
+    def __init__(self, opt: OuterOptimizer, start: float | None = None,
+                 counters: Callable[[], tuple[int, int]] | None = None):
         self.opt, self.start = opt, time.monotonic() if start is None else start
+        self._bytes = counters or (lambda: (opt.stats.bytes_sent, opt.stats.bytes_received))
         self._base = self._counters()
         self.compute_s = 0.0
 
     def _counters(self) -> tuple[int, int, float]:
-        s = self.opt.stats
-        return s.bytes_sent, s.bytes_received, s.wait_s
+        return (*self._bytes(), self.opt.stats.wait_s)
 
     def computed(self, seconds: float) -> None:
         """Add ``seconds`` of training compute (loop time less waiting)."""

@@ -12,18 +12,27 @@ from lowcomm.optimizers.diloco import auto_fragments
 from lowcomm.optimizers.registry import Settings
 
 
-def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings, aggregator: str = "mean") -> dict:
+#: Settings whose absence means this value (nodes that predate them, and the
+#: settings hash of a default node, stay as they were).
+IMPLIED = {"ranks_per_worker": 1}
+
+
+def run_settings(task_spec: str, data: str, model: nn.Module, settings: Settings, aggregator: str = "mean",
+                 ranks_per_worker: int = 1) -> dict:
     """What must match between nodes: the task, the model's parameter shapes,
     the outer algorithm's settings and the swarm's aggregator (not learning
     rate or batch size, which are each node's own). Streaming DiLoCo's automatic fragment count is resolved
-    for the model, so it matches a node that set the same count."""
+    for the model, so it matches a node that set the same count. ``ranks_per_worker``
+    (``--nproc-per-node``, stated only when not 1): workers of G ranks exchange
+    1/G slices, which pair only with slices of workers of the same G."""
     named = list(model.named_parameters())
     shapes = [[name, list(p.shape)] for name, p in named]
     options = dict(settings.options)
     if "fragments" in options and options["fragments"] is None:
         options["fragments"] = auto_fragments(settings.sync_every, len(units(named)), settings.delay)
     return {"task": task_spec, "data": data, "parameters": shapes, "algorithm": settings.algorithm,
-            **options, "sync_every": settings.sync_every, "aggregator": aggregator}
+            **options, "sync_every": settings.sync_every, "aggregator": aggregator,
+            **({"ranks_per_worker": ranks_per_worker} if ranks_per_worker != 1 else {})}
 
 
 def settings_hash(settings: dict) -> str:
@@ -34,7 +43,7 @@ def differences(mine: dict, theirs: dict) -> list[str]:
     """Human-readable list of the settings that differ (``theirs`` as a peer sent it)."""
     out = []
     for key in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(key), theirs.get(key)
+        a, b = mine.get(key, IMPLIED.get(key)), theirs.get(key, IMPLIED.get(key))
         if a != b:
             if key == "parameters":
                 na, nb = (len(x) if isinstance(x, list) else 0 for x in (a, b))
