@@ -127,6 +127,11 @@ class SimulateConfig(OuterConfig):
     """Settings of `lowcomm simulate` (see each field's help)."""
 
     workers: int = opt(4, "Number of simulated workers.")
+    ranks_per_worker: int = opt(1, "G, processes (GPUs) of each worker, as lowcomm join --nproc-per-node G: a "
+                                "worker trains on G micro-batches of --batch-size per step (one model, G times the "
+                                "batch), takes --step-time per step (ranks compute in parallel), and each rank "
+                                "sends its 1/G slice of every outer exchange, all G over the worker machine's one "
+                                "--bandwidth link; traffic inside the worker is not modelled (lowcomm.sim.ranks).")
     algorithms: str = opt("ddp,diloco,streaming,noloco,sparseloco", "Comma-separated algorithms to compare: "
                           "ddp, dgc, diloco, streaming, noloco, sparseloco.")
     steps: int = opt(420, "Inner steps per worker (every algorithm sees the same tokens; the default gives every "

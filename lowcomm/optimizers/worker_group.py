@@ -103,9 +103,22 @@ def is_sharded(t: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
-def _unit(compressor: Compression) -> int:
+def codec_unit(compressor: Compression) -> int:
+    """The values a codec compresses as one unit (1 with no codec): where split slices are cut."""
     codec = compressor.compressor if isinstance(compressor, ErrorFeedback) else compressor
     return codec.unit if codec is not None else 1
+
+
+def split_pieces(numel: int, parts: int, unit: int = 1, copies: int = 1) -> list[list[tuple[int, int]]]:
+    """For each of ``parts`` ranks, the ranges of a flattened call of ``numel``
+    values that it averages in ``"split"`` mode: slice r (`slice_bounds` of one
+    copy) of each of the call's ``copies`` equal runs; none for a rank whose
+    slice is empty. Also what `lowcomm simulate --ranks-per-worker` sends."""
+    if numel % copies:
+        raise ValueError(f"a call of {numel} values cannot be {copies} equal copies")
+    run = numel // copies
+    return [[(c * run + lo, c * run + hi) for c in range(copies)] if hi > lo else []
+            for lo, hi in slice_bounds(run, parts, unit)]
 
 
 class WorkerGroupAverager:
@@ -153,11 +166,7 @@ class WorkerGroupAverager:
         none for a rank with nothing to average)."""
         if self.mode == "rank0":
             return [[(0, numel)] if r == 0 and numel else [] for r in range(self.size)]
-        if numel % self.copies:
-            raise ValueError(f"a call of {numel} values cannot be {self.copies} equal copies")
-        run = numel // self.copies
-        return [[(c * run + lo, c * run + hi) for c in range(self.copies)] if hi > lo else []
-                for lo, hi in slice_bounds(run, self.size, unit)]
+        return split_pieces(numel, self.size, unit, self.copies)
 
     def average(self, key: str, tensors: Sequence[torch.Tensor], *, round: int, group_size: int | None = None,
                 weight: float = 1.0, compressor: Compression = None) -> AverageHandle:
@@ -176,7 +185,7 @@ class WorkerGroupAverager:
                                  compressor)
             return _ShardHandle(self, key, handle, tensors)
         vector = flatten(tensors)
-        pieces = self.pieces(vector.numel(), _unit(compressor))
+        pieces = self.pieces(vector.numel(), codec_unit(compressor))
         mine = [vector[a:b] for a, b in pieces[self.rank]]
         part_key = key if self.mode == "rank0" else f"{key}/part{self.rank}of{self.size}"
         handle = self._start(part_key, mine, round, group_size, weight, compressor)

@@ -42,6 +42,8 @@ def summarize(runs: list, plan_bandwidth: dict) -> dict:
             "eval_loss_at_ddp_wall_clock": loss_at_time(run.records, ddp_time) if ddp_time else None,
             "ddp_eval_loss_at_this_wall_clock": loss_at_time(ddp.records, last.virtual_time_s) if ddp else None,
             "bytes_sent_per_worker": last.bytes_sent_per_worker,
+            "bytes_sent_per_rank": run.bytes_sent_per_rank,
+            "ranks_per_worker": len(run.bytes_sent_per_rank),
             "bytes_ratio_vs_ddp": (ddp_bytes / last.bytes_sent_per_worker
                                    if ddp_bytes and last.bytes_sent_per_worker else None),
             "predicted_wall_clock_s": last.virtual_time_s,

@@ -4,7 +4,9 @@ Every worker has its own model (same initial weights), inner optimizer and
 data shard, and runs in its own thread with the real outer optimizer over a
 `LocalSwarm`; a `NetworkModel` turns each worker's compute and exchanges into
 virtual time. Torch runs one intra-op thread per worker so that runs are
-deterministic and the step time means "one core".
+deterministic and the step time means "one core". A worker of G ranks
+(``--ranks-per-worker``) trains on G micro-batches per step and splits its
+exchanges into G slices (`lowcomm.sim.ranks`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lowcomm.optimizers import DiLoCo
 from lowcomm.optimizers.registry import Settings, build_optimizer, get_algorithm
 from lowcomm.sim.network import Network, NetworkModel, WorkerClock
 from lowcomm.sim.overlap import DEFAULT_BACKWARD_SHARE, BucketedAllReduce, bucket_numels
+from lowcomm.sim.ranks import SplitAverager
 from lowcomm.sim.swarm import LocalSwarm
 from lowcomm.tasks import Task
 
@@ -94,6 +97,7 @@ class AlgorithmRun:
     fragment_numels: list[int] = field(default_factory=list)
     param_numels: list[int] = field(default_factory=list)  # values per parameter, model order
     params: int = 0
+    bytes_sent_per_rank: list[float] = field(default_factory=list)  # at the end, mean over workers, rank order
 
 
 def round_record(algorithm: str, step: int, train_loss: float, stats, clock: WorkerClock) -> dict:
@@ -130,7 +134,7 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
     (`lowcomm.sim.overlap`). ``on_round`` gets worker 0's status line after each
     of its outer rounds (outer algorithms only), ``on_record`` its `round_record`
     after each of its rounds (ddp and dgc: every step)."""
-    n = cfg.workers
+    n, g = cfg.workers, cfg.ranks_per_worker
     swarm = LocalSwarm(n, seed=cfg.seed, run_id=settings.algorithm, aggregator=cfg.aggregator)
     net = NetworkModel(network, [swarm.peer_id(r) for r in range(n)])
     lr = cfg.lr or task.default_lr
@@ -141,7 +145,8 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
     def worker(rank: int, averager) -> list[tuple]:
         model = task.make_model(cfg.seed)
         inner = task.make_inner(model, lr)
-        timed = net.wrap(averager)
+        split = SplitAverager(averager, g, spec.copies) if g > 1 else None
+        timed = net.wrap(split or averager)
         try:
             opt = build_optimizer(settings, model, inner, timed)
         except ValueError as e:
@@ -157,13 +162,17 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
             if isinstance(opt, DiLoCo):
                 out.fragment_numels = [sum(t.numel() for t in phi) for phi in opt.phi]
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, steps))
-        data = task.batches(rank, n, cfg.seed)
+        data = task.batches(rank, n, cfg.seed) if g == 1 else None
+        micro = [task.batches(rank * g + r, n * g, cfg.seed) for r in range(g)] if g > 1 else []
         jitter = step_factors(cfg.step_time_jitter, cfg.seed, rank)
         clock = net.clocks[timed.peer_id]
         rows, train_loss, rounds_seen = [], float("nan"), 0
         for step in range(steps + 1):
             if step:
-                loss = task.loss(model, next(data))
+                if data is not None:
+                    loss = task.loss(model, next(data))
+                else:  # the ranks' gradient mean: the gradient of their losses' mean
+                    loss = sum(task.loss(model, next(d)) for d in micro) / g
                 loss.backward()
                 train_loss = loss.item()
                 net.compute(timed.peer_id, step_time * next(jitter))
@@ -183,13 +192,16 @@ def run_algorithm(cfg: SimulateConfig, task: Task, settings: Settings, steps: in
                     on_round(f"{settings.algorithm:>9} round {rounds_seen:3d}  step {step:5d}  "
                              f"train loss {train_loss:.4f}  sent {opt.stats.bytes_sent / 1e6:8.3f} MB  "
                              f"group {opt.stats.last_group_size}  virtual {clock.now:8.2f} s")
+        per_rank[rank] = split.bytes_sent_by_rank if split else [opt.stats.bytes_sent]
         return rows
 
+    per_rank: dict[int, list[int]] = {}
     per_worker = swarm.run(worker)
+    out.bytes_sent_per_rank = [sum(col) / n for col in zip(*(per_rank[w] for w in range(n)))]
     for i, step in enumerate(points):
         rows = [w[i] for w in per_worker]
         mean = [sum(col) / n for col in zip(*rows)]
-        out.records.append(Record(settings.algorithm, step, step * n * task.tokens_per_batch, mean[1], mean[2],
+        out.records.append(Record(settings.algorithm, step, step * n * g * task.tokens_per_batch, mean[1], mean[2],
                                   mean[3], mean[4], int(rows[0][5]), max(r[6] for r in rows), mean[7]))
     out.clocks = list(net.clocks.values())
     return out

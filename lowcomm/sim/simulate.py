@@ -38,7 +38,8 @@ from lowcomm.tasks.base import TaskError, check_shards, load_task
 
 
 def validate(cfg: SimulateConfig) -> None:
-    for flag, value, lo in (("--workers", cfg.workers, 1), ("--steps", cfg.steps, 1), ("--eval-every", cfg.eval_every, 1),
+    for flag, value, lo in (("--workers", cfg.workers, 1), ("--ranks-per-worker", cfg.ranks_per_worker, 1),
+                            ("--steps", cfg.steps, 1), ("--eval-every", cfg.eval_every, 1),
                             ("--tokens", cfg.tokens, 0), ("--batch-size", cfg.batch_size, 0)):
         if value < lo:
             raise ConfigError(flag, f"must be >= {lo}, got {value}")
@@ -132,7 +133,7 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
     lr = cfg.lr or task.default_lr
     steps = cfg.steps
     if cfg.tokens:
-        steps = max(1, cfg.tokens // (cfg.workers * task.tokens_per_batch))
+        steps = max(1, cfg.tokens // (cfg.workers * cfg.ranks_per_worker * task.tokens_per_batch))
     algorithms = cfg.algorithm_list()
     for a in algorithms:
         note_ignored(get_algorithm(a), cfg.outer_options(), console)
@@ -148,7 +149,8 @@ def simulate(cfg: SimulateConfig, console: Console | None = None) -> Path:
         jitter = f" (jitter {cfg.step_time_jitter:.0%})" if cfg.step_time_jitter else ""
         step_note = (f"step time {step_time * 1e3:.1f} ms{' (measured)' if measured else ''}{jitter}, "
                      f"backward {backward_share:.0%} of it{' (measured)' if share_measured else ''}")
-        console.print(f"[bold]lowcomm simulate[/]: task {task.name}, {cfg.workers} workers, {steps} steps each, "
+        ranks = f" of {cfg.ranks_per_worker} ranks" if cfg.ranks_per_worker > 1 else ""
+        console.print(f"[bold]lowcomm simulate[/]: task {task.name}, {cfg.workers} workers{ranks}, {steps} steps each, "
                       f"{cfg.bandwidth} / {cfg.latency} links, {step_note} -> {run_dir}")
         runs, started = [], time.time()
         with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),

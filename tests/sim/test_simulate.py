@@ -129,6 +129,8 @@ def test_plan_prints_a_table():
     (["--step-time", "soon"], "--step-time"),
     (["--backward-share", "1.5"], "--backward-share"),
     (["--step-time-jitter", "-0.1"], "--step-time-jitter"),
+    (["--ranks-per-worker", "0"], "--ranks-per-worker"),
+    (["--ranks-per-worker", "-2"], "--ranks-per-worker"),
     (["--sync-every", "10", "--fragments", "3"], "--streaming"),
 ])
 def test_bad_input_is_one_line_exit_2(args, flag):
@@ -191,3 +193,45 @@ def test_step_time_jitter_makes_each_round_wait_for_its_slowest_worker(tmp_path)
     assert walls[0.0] == pytest.approx(0.4, rel=1e-6)
     assert walls[0.5] == pytest.approx(expected, rel=1e-6)
     assert walls[0.5] > 0.4 * 1.05   # the slower of two: above the mean step time
+
+
+def test_ranks_per_worker_one_changes_nothing(tmp_path):
+    args = ["simulate", "--task", TINY, "--steps", "20", "--eval-every", "10", "--sync-every", "10", "--workers", "2",
+            "--algorithms", "ddp,diloco,noloco", "--step-time", "10ms", "--out", str(tmp_path), "--no-progress"]
+    a = cli(*args, "--name", "a")
+    b = cli(*args, "--name", "b", "--ranks-per-worker", "1")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    for name in ("summary.json", "metrics.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for entry in s.values():
+        assert entry["ranks_per_worker"] == 1 and entry["bytes_sent_per_rank"] == [entry["bytes_sent_per_worker"]]
+
+
+def test_ranks_per_worker_split_bytes_and_wall_clock_by_hand(tmp_path):
+    """DiLoCo (codec none), 2 workers of G = 2 ranks, 161 parameters, H = 10, 20
+    steps of 10 ms: each rank averages its slice (slice_bounds: 81 and 80 values)
+    by butterfly with the other worker's same rank; the two slices share the
+    worker's link, one latency per phase."""
+    from lowcomm.averaging import shard_bounds
+    from lowcomm.compressors import get_compressor, wire_size
+    from lowcomm.optimizers.worker_group import slice_bounds
+
+    cfg = SimulateConfig(task=TINY, algorithms="diloco", steps=20, eval_every=10, sync_every=10, workers=2,
+                         ranks_per_worker=2, step_time="10ms", bandwidth="100Mbit", latency="50ms",
+                         out=str(tmp_path), progress=False)
+    run_dir = simulate(cfg, Console(file=open(os.devnull, "w")))
+    s = json.loads((run_dir / "summary.json").read_text())["diloco"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["simulate"]["ranks_per_worker"] == 2 and s["ranks_per_worker"] == 2
+    none = get_compressor("none")
+    slices = slice_bounds(161, 2, none.unit)
+    assert slices == [(0, 81), (81, 161)]
+    # a member of a butterfly of 2 sends the other's shard of its slice, then the mean of its own
+    per_round = [sum(wire_size(none, hi - lo) for lo, hi in shard_bounds(b - a, 2)) for a, b in slices]
+    assert s["bytes_sent_per_rank"] == [2 * per_round[0], 2 * per_round[1]]
+    assert s["bytes_sent_per_worker"] == sum(s["bytes_sent_per_rank"])
+    # worker 0, each phase: slice 0 moves 41 or 40 values each way, slice 1 40; the larger way is 41 + 40 values
+    phase = (wire_size(none, 41) + wire_size(none, 40)) * 8 / (100e6 * TCP_EFFICIENCY)
+    assert s["predicted_wall_clock_s"] == pytest.approx(2 * (10 * 0.01 + 2 * 0.05 + 2 * (phase + 0.05)), rel=1e-12)
+    assert s["tokens"] == 20 * 2 * 2 * 32   # G micro-batches of 32 per worker step
