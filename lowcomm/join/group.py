@@ -21,11 +21,11 @@ What a worker of G ranks does, rank by rank:
   slice r of each exchange in its own swarm, the slot ``part{r}of{G}``.
 - **Identity.** Rank 0 is the node: its key file is the node's
   (``--identity``, or ``<checkpoint-dir>/identity.key``), its peer id is the
-  one the join line prints. Rank r > 0 keeps a key file of its own beside it,
-  ``identity.rank{r}.key`` (`rank_identity`), made on its first start, so a
-  restarted node's ranks keep their peer ids. (Not derived from the node's
-  key: hivemind's daemon takes only the RSA keys it makes, and an RSA key
-  cannot be derived from a seed with the libraries at hand.)
+  one the join line prints. Rank r > 0's key file, ``identity.rank{r}.key``
+  beside it (`rank_identity`), is derived from the node's key file on its
+  first start (`lowcomm.p2p.keys.derive_key_file`: an RSA key, which
+  hivemind's daemon takes, whose primes come from a hash of the node's key
+  and the rank), so the node's one key file decides every rank's peer id.
 - **Addresses.** Rank r listens on the node's ``--listen`` port + r (0 stays
   0: any free port) and announces ``--announce``'s port + r. Every rank
   joins the same DHT: rank 0 bootstraps from ``--peers``, ranks r > 0 from
@@ -70,9 +70,8 @@ def with_port(maddr: str, offset: int) -> str:
 
 def rank_identity(node_key: Path, rank: int) -> Path:
     """The key file of rank ``rank`` (> 0) of the node whose key file is
-    ``node_key``: ``identity.rank{r}.key`` beside it, made by the transport on
-    the rank's first start (as the node's own is) and kept, so a restarted node's
-    ranks keep their peer ids."""
+    ``node_key``: ``identity.rank{r}.key`` beside it (its key is derived from
+    ``node_key``, `lowcomm.p2p.keys.derive_key_file`)."""
     return node_key.with_name(f"{node_key.stem}.rank{rank}{node_key.suffix}")
 
 

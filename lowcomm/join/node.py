@@ -45,6 +45,7 @@ from lowcomm.config import ConfigError, JoinConfig, OuterConfig, check_aggregato
 from lowcomm.join.catchup import CatchUp
 from lowcomm.join.checkpoints import FolderLock, NodeCheckpoint, claim_folder
 from lowcomm.join.group import RankGroup, rank_identity, with_port
+from lowcomm.p2p.keys import derive_key_file
 from lowcomm.join.protocol import JoinProtocol, Refused
 from lowcomm.join.settings import run_settings, settings_hash
 from lowcomm.metrics import Sinks, open_sinks, parse_sinks
@@ -203,7 +204,7 @@ class Node:
                 if first is None:
                     raise ConfigError("--listen", "rank 0 of this node could not join the swarm")
                 peers = first[:1] + peers
-                identity = str(rank_identity(Path(identity), rank))
+                identity = str(derive_key_file(Path(identity), rank_identity(Path(identity), rank), f"rank{rank}"))
         try:
             try:
                 self.swarm = Swarm.join(peers, run_id=run_id, backend=cfg.backend, listen=[listen],
