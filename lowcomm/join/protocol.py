@@ -184,21 +184,21 @@ class JoinProtocol:
             self.console.print(f"[yellow]refused {sender[:16]}…: {escape(why)}[/]", highlight=False)
         return pack(HelloReply(ok, self.run_id, self.hash, self.settings))
 
-    async def _on_state(self, sender: str, data: bytes) -> bytes:
+    def _asks_for_ours(self, sender: str, data: bytes, what: str) -> bool:
+        """Whether ``data`` is a well-formed `StateRequest` for our settings (the state
+        and offer protocols take the same request; a malformed one is logged)."""
         try:
             request = unpack(StateRequest, data)
         except WireFormatError as e:
-            log.info("ignored a state request from %s: %s", sender, e)
-            return b""
-        return self._state if request.hash == self.hash else b""
+            log.info("ignored %s from %s: %s", what, sender, e)
+            return False
+        return request.hash == self.hash
+
+    async def _on_state(self, sender: str, data: bytes) -> bytes:
+        return self._state if self._asks_for_ours(sender, data, "a state request") else b""
 
     async def _on_offer(self, sender: str, data: bytes) -> bytes:
-        try:
-            request = unpack(StateRequest, data)
-        except WireFormatError as e:
-            log.info("ignored an offer request from %s: %s", sender, e)
-            return b""
-        if request.hash != self.hash or self._step is None:
+        if not self._asks_for_ours(sender, data, "an offer request") or self._step is None:
             return b""
         return pack(StateOffer(self.hash, self._step, self.in_step))
 
