@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tests.optimizers.helpers import seeded
+
 G = 2          # ranks per worker
 WORKERS = 2
 H = 5          # DiLoCo's sync_every in the scenarios
@@ -33,12 +35,7 @@ H = 5          # DiLoCo's sync_every in the scenarios
 def make_model(seed: int = 0) -> nn.Module:
     """20,481 parameters: Linear(8, 2048), Tanh, Linear(2048, 1) (the swarm's
     message envelopes are then 1% of a round's bytes)."""
-    model = nn.Sequential(nn.Linear(8, 2048), nn.Tanh(), nn.Linear(2048, 1))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return seeded(nn.Sequential(nn.Linear(8, 2048), nn.Tanh(), nn.Linear(2048, 1)), seed, 0.05)
 
 
 def micro_batch(worker: int, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:

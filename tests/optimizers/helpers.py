@@ -4,14 +4,19 @@ import torch
 from torch import nn
 
 
-def mlp(seed=0):
-    """A small MLP initialised from its own generator (thread-safe, unlike the global seed)."""
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+def seeded(model: nn.Module, seed: int, scale: float) -> nn.Module:
+    """``model`` with every parameter drawn from N(0, scale^2) by a generator of its
+    own (thread-safe, unlike the global seed)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def mlp(seed=0):
+    """A small MLP initialised from its own generator."""
+    return seeded(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), seed, 0.5)
 
 
 def batch(rank, step, seed=0):
