@@ -267,16 +267,18 @@ class WorkerGroupAverager:
         return torch.load(io.BytesIO(moved.cpu().numpy().tobytes()), weights_only=True)
 
 
-def _meta(result: AverageResult, numel: int, key: str) -> dict:
+def slice_meta(result: AverageResult, numel: int, key: str) -> dict:
+    """What `combine_slices` needs of one rank's slice result (``numel`` values), as JSON."""
     return {"key": key, "numel": numel, "averaged": result.averaged, "participants": list(result.participants),
             "all_shards": all(result.shards_averaged) if result.shards_averaged else result.averaged,
             "diverged": bool(result.diverged), "outliers": list(result.outliers), "reason": result.reason,
             "sent": result.sent is not None}
 
 
-def _combine(metas: list[dict], own: AverageResult, tensors: list[torch.Tensor],
-             sent: list[torch.Tensor] | None) -> AverageResult:
-    """Every rank's view of one call as one result (see the module docstring)."""
+def combine_slices(metas: list[dict], own: AverageResult, tensors: list[torch.Tensor],
+                   sent: list[torch.Tensor] | None) -> AverageResult:
+    """Every rank's view of one call (``metas``, rank order, from `slice_meta`) as one
+    result (see the module docstring); bytes and phases are ``own``'s."""
     if any(m["key"] != metas[0]["key"] for m in metas):
         raise RuntimeError(f"the ranks of a worker group waited for different calls ({[m['key'] for m in metas]}); "
                            "every rank must collect results for the same calls in the same order")
@@ -309,7 +311,7 @@ class _SplitHandle:
             return self._result
         own = self.handle.result(timeout)
         numel = sum(t.numel() for t in self.like)
-        metas = self.wg.all_gather_json(_meta(own, sum(b - a for a, b in self.pieces[self.wg.rank]), self.key))
+        metas = self.wg.all_gather_json(slice_meta(own, sum(b - a for a, b in self.pieces[self.wg.rank]), self.key))
         if any(m["numel"] != sum(b - a for a, b in p) for m, p in zip(metas, self.pieces)):
             raise RuntimeError(f"the ranks of a worker group averaged {self.key!r} with different sizes "
                                f"({[m['numel'] for m in metas]}); they must hold the same parameters")
@@ -320,7 +322,7 @@ class _SplitHandle:
             whole = torch.empty(numel)
             self.wg.gather_pieces(flatten(own.sent or []), self.pieces, whole)
             sent = [whole]
-        self._result = _combine(metas, own, unflatten(values, self.like), sent)
+        self._result = combine_slices(metas, own, unflatten(values, self.like), sent)
         return self._result
 
 
@@ -343,10 +345,10 @@ class _ShardHandle:
         if self._result is not None:
             return self._result
         own = self.handle.result(timeout)
-        metas = self.wg.all_gather_json(_meta(own, sum(t.to_local().numel() for t in self.like), self.key))
+        metas = self.wg.all_gather_json(slice_meta(own, sum(t.to_local().numel() for t in self.like), self.key))
         tensors = [DTensor.from_local(t.to(d.dtype), d.device_mesh, d.placements, run_check=False, shape=d.shape,
                                       stride=d.stride()) for t, d in zip(own.tensors, self.like)]
-        self._result = _combine(metas, own, tensors, None)  # sent: shards of a vector no rank holds whole
+        self._result = combine_slices(metas, own, tensors, None)  # sent: shards of a vector no rank holds whole
         return self._result
 
 

@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from lowcomm.averaging import AverageResult, Compression, flatten, unflatten
-from lowcomm.optimizers.worker_group import codec_unit, split_pieces
+from lowcomm.optimizers.worker_group import codec_unit, combine_slices, slice_meta, split_pieces
 
 
 def merge_phases(parts: Sequence[Sequence[tuple[int, int]]]) -> list[tuple[int, int]]:
@@ -82,14 +82,14 @@ class SplitAverager:
             mine = [vector[a:b] for a, b in ranges]
             handles.append(self.inner.average(f"{key}/part{r}of{self.ranks}", mine, round=round,
                                               group_size=group_size, weight=weight, compressor=compressor))
-        return _SplitHandle(self, tensors, pieces, handles)
+        return _SplitHandle(self, key, tensors, pieces, handles)
 
 
 class _SplitHandle:
     """One call's G slices in flight; `result` puts them back together."""
 
-    def __init__(self, owner: SplitAverager, like: list[torch.Tensor], pieces: list, handles: list):
-        self.owner, self.like, self.pieces, self.handles = owner, like, pieces, handles
+    def __init__(self, owner: SplitAverager, key: str, like: list[torch.Tensor], pieces: list, handles: list):
+        self.owner, self.key, self.like, self.pieces, self.handles = owner, key, like, pieces, handles
         self._result: AverageResult | None = None
 
     def done(self) -> bool:
@@ -100,11 +100,13 @@ class _SplitHandle:
             return self._result
         numel = sum(t.numel() for t in self.like)
         values, sent = torch.empty(numel), torch.empty(numel)
-        results = []
+        metas, results = [], []
         for r, (ranges, handle) in enumerate(zip(self.pieces, self.handles)):
             if handle is None:
+                metas.append(slice_meta(AverageResult([], True), 0, self.key))
                 continue
             res = handle.result(timeout)
+            metas.append(slice_meta(res, sum(b - a for a, b in ranges), self.key))
             results.append(res)
             self.owner.bytes_sent_by_rank[r] += res.bytes_sent
             own, start = flatten(res.tensors), 0
@@ -114,14 +116,11 @@ class _SplitHandle:
                 if mine is not None:
                     sent[a:b] = mine[start:start + b - a]
                 start += b - a
-        live = results or [AverageResult([], True)]
-        self._result = AverageResult(
-            unflatten(values, self.like), all(r.averaged for r in live),
-            min((r.participants for r in live), key=len),
-            sum(r.bytes_sent for r in results), sum(r.bytes_received for r in results),
-            merge_phases([r.phases for r in results]),
-            sent=[sent] if all(r.sent is not None for r in results) else None,
-            reason="; ".join(r.reason for r in results if r.reason),
-            outliers=sorted({o for r in results for o in r.outliers}))
+        # the flags as a real worker combines them; the bytes and phases are the whole worker's
+        whole = AverageResult([], True, bytes_sent=sum(r.bytes_sent for r in results),
+                              bytes_received=sum(r.bytes_received for r in results),
+                              phases=merge_phases([r.phases for r in results]))
+        self._result = combine_slices(metas, whole, unflatten(values, self.like),
+                                      [sent] if all(r.sent is not None for r in results) else None)
         return self._result
 
